@@ -1,0 +1,98 @@
+"""The model zoo: registry of presets, model construction, Hugging Face import/export.
+
+    >>> import zoo
+    >>> cfg = zoo.config("tiny-llama")
+    >>> model = zoo.build(cfg)
+    >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from zoo.configs import PRESETS, GPT2Config, LlamaConfig, ModelConfig
+
+
+def list_models() -> list[str]:
+    """Names of every preset, sorted."""
+    return sorted(PRESETS)
+
+
+def config(name: str, **overrides) -> ModelConfig:
+    """The preset called `name`, with any fields overridden (e.g. dtype="float32")."""
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, PRESETS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Known: {', '.join(list_models())}")
+    cfg = PRESETS[name]
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def build(cfg: ModelConfig) -> nn.Module:
+    """The flax.linen Module for a config (params are created by `init`, never held)."""
+    family = getattr(cfg, "family", None)
+    if family == "gpt2":
+        from zoo.gpt2 import GPT2
+
+        return GPT2(cfg)
+    if family == "llama":
+        from zoo.llama import Llama
+
+        return Llama(cfg)
+    if family == "bert":
+        from zoo.bert import build_bert
+
+        return build_bert(cfg)
+    if family == "t5":
+        from zoo.t5 import T5
+
+        return T5(cfg)
+    if family == "moe":
+        from zoo.moe import MoEDecoder
+
+        return MoEDecoder(cfg)
+    raise ValueError(f"no model family {family!r} for config {getattr(cfg, 'name', cfg)!r}")
+
+
+def abstract_params(cfg: ModelConfig, seq_len: int = 8):
+    """Parameter ShapeDtypeStructs (boxed with logical axes) via jax.eval_shape: no memory used."""
+    model = build(cfg)
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    return jax.eval_shape(lambda i: model.init(jax.random.key(0), i), ids)["params"]
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Number of parameters of a config, computed abstractly."""
+    leaves = jax.tree.leaves(nn.unbox(abstract_params(cfg)))
+    return sum(math.prod(x.shape) for x in leaves)
+
+
+def from_hf(path, dtype=jnp.float32):
+    """Loads a Hugging Face checkpoint dir (config.json + *.safetensors) -> (model, params)."""
+    from zoo.hf import from_hf as _from_hf
+
+    return _from_hf(path, dtype=dtype)
+
+
+def to_hf(model, params, out_dir) -> None:
+    """Writes config.json + model.safetensors that `transformers` loads."""
+    from zoo.hf import to_hf as _to_hf
+
+    return _to_hf(model, params, out_dir)
+
+
+def generate(model, params, input_ids, attention_mask=None, **kwargs):
+    """KV-cache decoding; see zoo.generate.generate."""
+    from zoo.generate import generate as _generate
+
+    return _generate(model, params, input_ids, attention_mask, **kwargs)
+
+
+__all__ = ["list_models", "config", "build", "abstract_params", "param_count", "from_hf", "to_hf", "generate",
+           "ModelConfig", "GPT2Config", "LlamaConfig", "PRESETS"]

@@ -1,0 +1,203 @@
+"""Frozen model configs and named presets.
+
+Field names follow Hugging Face's config.json where one exists, so that the
+conversion tables in `zoo/hf.py` stay short. Every config checks itself in
+`__post_init__` so that an impossible model fails before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Fields every family shares. Sizes follow the letter legend of STYLE.md."""
+
+    family: ClassVar[str] = ""
+    hf_architecture: ClassVar[str] = ""
+
+    name: str = "custom"
+    vocab_size: int
+    hidden_size: int  # D
+    num_layers: int
+    num_heads: int  # N
+    num_kv_heads: int = 0  # K; 0 means num_heads (multi-head attention)
+    head_dim: int = 0  # H; 0 means hidden_size // num_heads
+    intermediate_size: int  # F
+    max_seq_len: int = 2048
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"  # master weights
+    remat: str = "none"  # activation checkpointing policy per layer
+    attention_impl: str | None = None  # kernels.attention implementation; None picks per backend
+
+    def __post_init__(self):
+        if not self.num_kv_heads:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if not self.head_dim:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"{self.name}: hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                    "set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{self.name}: {field} must be positive, got {getattr(self, field)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"{self.name}: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
+            raise ValueError(f"{self.name}: dtype and param_dtype must be one of {DTYPES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"{self.name}: remat={self.remat!r} is not one of {REMAT_POLICIES}")
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed (re-validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * (non-embedding matmul params + lm head) + attention.
+
+        Attention adds 12 * layers * heads * head_dim * seq_len (QK^T and PV, forward
+        and backward, full non-causal square), the convention of the PaLM paper.
+        """
+        d, n, k, h = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        attn_proj = d * h * (2 * n + 2 * k)
+        mlp = self.mlp_matrices * d * self.intermediate_size
+        dense = self.num_layers * (attn_proj + mlp) + d * self.vocab_size
+        return 6.0 * dense + 12.0 * self.num_layers * n * h * seq_len
+
+    mlp_matrices: ClassVar[int] = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPT2Config(ModelConfig):
+    """GPT-2: learned positions, pre-LayerNorm, GELU MLP, biases everywhere, tied head."""
+
+    family: ClassVar[str] = "gpt2"
+    hf_architecture: ClassVar[str] = "GPT2LMHeadModel"
+    mlp_matrices: ClassVar[int] = 2
+
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(f"{self.name}: GPT-2 has no grouped-query attention (num_kv_heads must equal num_heads)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlamaConfig(ModelConfig):
+    """Llama-style decoders: Llama 2/3, Mistral, Qwen2/3, Gemma through switches."""
+
+    family: ClassVar[str] = "llama"
+
+    architecture: str = "LlamaForCausalLM"  # the HF class this config round-trips as
+    rope_theta: float = 10000.0
+    # Llama-3 frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_position)
+    rope_scaling: tuple[float, float, float, int] | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral: each query sees the last W keys
+    attention_bias: bool = False  # Qwen2: biases on q, k, v
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head before RoPE
+    norm_offset: bool = False  # Gemma: RMSNorm scales by (1 + w)
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+    hidden_act: str = "silu"  # gate activation: silu (SwiGLU) or gelu_tanh (GeGLU)
+
+    ARCHITECTURES: ClassVar[tuple[str, ...]] = (
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "GemmaForCausalLM",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.architecture not in self.ARCHITECTURES:
+            raise ValueError(f"{self.name}: architecture {self.architecture!r} is not one of {self.ARCHITECTURES}")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"{self.name}: hidden_act must be 'silu' or 'gelu_tanh', got {self.hidden_act!r}")
+        if self.head_dim % 2:
+            raise ValueError(f"{self.name}: RoPE needs an even head_dim, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"{self.name}: sliding_window must be positive, got {self.sliding_window}")
+
+    @property
+    def hf_architecture(self) -> str:  # type: ignore[override]
+        return self.architecture
+
+
+PRESETS: dict[str, ModelConfig] = {}
+
+
+def _register(cfg: ModelConfig) -> None:
+    PRESETS[cfg.name] = cfg
+
+
+# --- GPT-2 (OpenAI sizes; vocab 50257, context 1024) -------------------------------
+for _name, _d, _l, _n in (
+    ("gpt2-124m", 768, 12, 12),
+    ("gpt2-350m", 1024, 24, 16),
+    ("gpt2-774m", 1280, 36, 20),
+    ("gpt2-1.5b", 1600, 48, 25),
+):
+    _register(GPT2Config(name=_name, vocab_size=50257, hidden_size=_d, num_layers=_l, num_heads=_n,
+                         intermediate_size=4 * _d, max_seq_len=1024))
+# GPT-3 175B: the GPT-2 architecture at GPT-3 scale (dense attention everywhere).
+_register(GPT2Config(name="gpt3-175b", vocab_size=50257, hidden_size=12288, num_layers=96, num_heads=96,
+                     intermediate_size=4 * 12288, max_seq_len=2048))
+
+# --- Llama 3 ---------------------------------------------------------------------
+_LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5, max_seq_len=131072)
+_register(LlamaConfig(name="llama3.2-1b", hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                      intermediate_size=8192, tie_word_embeddings=True, rope_scaling=(32.0, 1.0, 4.0, 8192),
+                      **_LLAMA3))
+_register(LlamaConfig(name="llama3.2-3b", hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8,
+                      intermediate_size=8192, tie_word_embeddings=True, rope_scaling=(32.0, 1.0, 4.0, 8192),
+                      **_LLAMA3))
+_register(LlamaConfig(name="llama3.1-8b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                      intermediate_size=14336, rope_scaling=(8.0, 1.0, 4.0, 8192), **_LLAMA3))
+_register(LlamaConfig(name="llama3.1-70b", hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+                      intermediate_size=28672, rope_scaling=(8.0, 1.0, 4.0, 8192), **_LLAMA3))
+_register(LlamaConfig(name="mistral-7b", architecture="MistralForCausalLM", vocab_size=32000, hidden_size=4096,
+                      num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336, sliding_window=4096,
+                      max_seq_len=32768, rms_norm_eps=1e-5))
+_register(LlamaConfig(name="qwen3-0.6b", architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=1024,
+                      num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, intermediate_size=3072,
+                      qk_norm=True, tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                      max_seq_len=40960))
+_register(LlamaConfig(name="qwen3-8b", architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=4096,
+                      num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=12288,
+                      qk_norm=True, rope_theta=1000000.0, rms_norm_eps=1e-6, max_seq_len=40960))
+_register(LlamaConfig(name="gemma-2b", architecture="GemmaForCausalLM", vocab_size=256000, hidden_size=2048,
+                      num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256, intermediate_size=16384,
+                      hidden_act="gelu_tanh", norm_offset=True, embed_scale=True, tie_word_embeddings=True,
+                      rms_norm_eps=1e-6, max_seq_len=8192))
+
+# --- tiny presets: one per family switch, for tests and CPU runs ---------------------
+_TINY = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_seq_len=256,
+             dtype="float32")
+_register(GPT2Config(name="tiny-gpt2", **_TINY))
+_register(LlamaConfig(name="tiny-llama", num_kv_heads=2, rope_scaling=(8.0, 1.0, 4.0, 64), **_TINY))
+_register(LlamaConfig(name="tiny-mistral", architecture="MistralForCausalLM", num_kv_heads=2, sliding_window=16,
+                      **_TINY))
+_register(LlamaConfig(name="tiny-qwen2", architecture="Qwen2ForCausalLM", num_kv_heads=2, attention_bias=True,
+                      tie_word_embeddings=True, rms_norm_eps=1e-6, **_TINY))
+_register(LlamaConfig(name="tiny-qwen3", architecture="Qwen3ForCausalLM", num_kv_heads=2, head_dim=32,
+                      qk_norm=True, tie_word_embeddings=True, rms_norm_eps=1e-6, **_TINY))
+_register(LlamaConfig(name="tiny-gemma", architecture="GemmaForCausalLM", num_kv_heads=1, head_dim=32,
+                      hidden_act="gelu_tanh", norm_offset=True, embed_scale=True, tie_word_embeddings=True,
+                      rms_norm_eps=1e-6, **_TINY))
+# The embedded default run: a small Llama that learns on 2 CPU cores in minutes.
+_register(LlamaConfig(name="small-llama", vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4,
+                      num_kv_heads=2, intermediate_size=768, max_seq_len=512, dtype="float32",
+                      tie_word_embeddings=True))

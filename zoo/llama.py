@@ -1,0 +1,57 @@
+"""The Llama-style decoder family: Llama 2/3 (RoPE with Llama-3 scaling, RMSNorm,
+SwiGLU, GQA), Mistral (sliding window), Qwen2 (q/k/v bias), Qwen3 (q/k norm) and
+Gemma (GeGLU, (1 + w) norms, sqrt(D)-scaled embeddings), chosen by config switches."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from zoo.configs import LlamaConfig
+from zoo.layers import MLP, DecoderBlock, Dense, Embed, RMSNorm, SelfAttention, default_positions
+from zoo.layers import mask_to_segment_ids, scan_layers
+from zoo.sharding import constrain
+
+
+class Llama(nn.Module):
+    """*ForCausalLM: `apply(params, input_ids, attention_mask=None, *, positions, segment_ids)` -> logits."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, return_hidden=False):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        kw = dict(dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype))
+        positions_BT = default_positions(input_ids) if positions is None else positions
+        segment_ids_BT = mask_to_segment_ids(attention_mask, segment_ids)
+
+        embed = Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", **kw)
+        x_BTD = embed(input_ids)
+        if cfg.embed_scale:  # Gemma rounds the normaliser to the compute dtype
+            x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
+        x_BTD = constrain(x_BTD, ("batch", "length", "activation_embed"))
+
+        blocks = scan_layers(
+            DecoderBlock, cfg.num_layers, cfg.remat,
+            make_norm=partial(RMSNorm, cfg.rms_norm_eps, cfg.norm_offset, **kw),
+            make_attention=partial(
+                SelfAttention, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                qkv_bias=cfg.attention_bias, qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
+                rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, sliding_window=cfg.sliding_window,
+                attention_impl=cfg.attention_impl, **kw),
+            make_mlp=partial(MLP, cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, gated=True, **kw),
+        )
+        x_BTD, _ = blocks(x_BTD, positions_BT, segment_ids_BT)
+        x_BTD = RMSNorm(cfg.rms_norm_eps, cfg.norm_offset, name="norm", **kw)(x_BTD)
+        if return_hidden:
+            return x_BTD
+        if cfg.tie_word_embeddings:
+            logits_BTV = embed.attend(x_BTD)
+        else:
+            logits_BTV = Dense((cfg.vocab_size,), ("embed",), ("vocab",), name="lm_head", **kw)(x_BTD)
+        logits_BTV = logits_BTV.astype(jnp.float32)
+        return constrain(logits_BTV, ("batch", "length", "activation_vocab"))
