@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from zoo.configs import PRESETS, GPT2Config, LlamaConfig, ModelConfig
+from zoo.generate import generate  # binds zoo.generate to the function, not the submodule
 
 
 def list_models() -> list[str]:
@@ -85,13 +86,6 @@ def to_hf(model, params, out_dir) -> None:
     from zoo.hf import to_hf as _to_hf
 
     return _to_hf(model, params, out_dir)
-
-
-def generate(model, params, input_ids, attention_mask=None, **kwargs):
-    """KV-cache decoding; see zoo.generate.generate."""
-    from zoo.generate import generate as _generate
-
-    return _generate(model, params, input_ids, attention_mask, **kwargs)
 
 
 __all__ = ["list_models", "config", "build", "abstract_params", "param_count", "from_hf", "to_hf", "generate",

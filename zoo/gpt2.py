@@ -18,6 +18,7 @@ class GPT2(nn.Module):
     """GPT2LMHeadModel: `apply(params, input_ids, attention_mask=None, *, positions, segment_ids)` -> logits."""
 
     cfg: GPT2Config
+    decode: bool = False  # KV-cache mode for zoo.generate (see layers.SelfAttention)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, return_hidden=False):
@@ -35,7 +36,7 @@ class GPT2(nn.Module):
             DecoderBlock, cfg.num_layers, cfg.remat,
             make_norm=partial(LayerNorm, cfg.layer_norm_epsilon, **kw),
             make_attention=partial(SelfAttention, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                   qkv_bias=True, out_bias=True, attention_impl=cfg.attention_impl, **kw),
+                                   qkv_bias=True, out_bias=True, attention_impl=cfg.attention_impl, decode=self.decode, **kw),
             make_mlp=partial(MLP, cfg.hidden_size, cfg.intermediate_size, "gelu_tanh", gated=False, use_bias=True,
                              **kw),
         )

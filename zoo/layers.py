@@ -209,6 +209,7 @@ class SelfAttention(nn.Module):
     sliding_window: int | None = None
     causal: bool = True
     attention_impl: str | None = None
+    decode: bool = False  # keep a KV cache in the "cache" collection (zoo.generate)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -226,13 +227,52 @@ class SelfAttention(nn.Module):
             inv_freq = rope_frequencies(h, self.rope_theta, self.rope_scaling)
             q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
             k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
-        out_BTNH = kernels.attention(
-            q_BTNH, k_BSKH, v_BSKH, causal=self.causal, segment_ids=segment_ids_BT,
-            sliding_window=self.sliding_window, implementation=self.attention_impl,
-        )
+        if self.decode:
+            out_BTNH = self._attend_with_cache(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+        else:
+            out_BTNH = kernels.attention(
+                q_BTNH, k_BSKH, v_BSKH, causal=self.causal, segment_ids=segment_ids_BT,
+                sliding_window=self.sliding_window, implementation=self.attention_impl,
+            )
         out_BTNH = constrain(out_BTNH, ("batch", "length", "activation_heads", None))
         return Dense((self.hidden_size,), ("heads", "head_dim"), ("embed",), use_bias=self.out_bias,
                      name="o_proj", **kw)(out_BTNH)
+
+
+    def _attend_with_cache(self, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
+        """Writes this chunk's keys/values at the cache index, then attends.
+
+        The cache is created at its full length by `init` on a [B, max_len] input.
+        A chunk of T > 1 tokens is the prefill (written from index 0, attending within
+        itself, so the fused kernel serves it); a single token attends over every
+        written slot (within the sliding window, if any).
+        """
+        b, t, k, h = k_BTKH.shape
+        names = ("batch", "kv_length", "kv_heads", "head_dim")
+        is_init = not self.has_variable("cache", "key")
+        cached_k = self.variable("cache", "key", jnp.zeros, (b, t, k, h), k_BTKH.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, (b, t, k, h), v_BTKH.dtype)
+        cached_ids = self.variable("cache", "segment_ids", jnp.zeros, (b, t), jnp.int32)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        ids_BT = jnp.ones((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
+        if is_init:
+            return jnp.zeros_like(q_BTNH)
+        i = index.value
+        cached_k.value = constrain(jax.lax.dynamic_update_slice(cached_k.value, k_BTKH, (0, i, 0, 0)), names)
+        cached_v.value = constrain(jax.lax.dynamic_update_slice(cached_v.value, v_BTKH, (0, i, 0, 0)), names)
+        cached_ids.value = jax.lax.dynamic_update_slice(cached_ids.value, ids_BT, (0, i))
+        index.value = i + t
+        if t > 1:
+            return kernels.attention(q_BTNH, k_BTKH, v_BTKH, causal=True, segment_ids=ids_BT,
+                                     sliding_window=self.sliding_window, implementation=self.attention_impl)
+        s = cached_ids.value.shape[1]
+        slot_S = jnp.arange(s)
+        visible_BS = (cached_ids.value > 0) & (slot_S <= i)[None]
+        if self.sliding_window is not None:
+            visible_BS &= (slot_S > i - self.sliding_window)[None]
+        return kernels.attention(q_BTNH, cached_k.value, cached_v.value, causal=False,
+                                 segment_ids=(ids_BT, visible_BS.astype(jnp.int32)),
+                                 implementation=self.attention_impl)
 
 
 class DecoderBlock(nn.Module):
@@ -274,7 +314,7 @@ def scan_layers(block_cls: type[nn.Module], num_layers: int, remat: str, name: s
         block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
     scanned = nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=nn.broadcast,
         length=num_layers,

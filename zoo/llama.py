@@ -20,6 +20,7 @@ class Llama(nn.Module):
     """*ForCausalLM: `apply(params, input_ids, attention_mask=None, *, positions, segment_ids)` -> logits."""
 
     cfg: LlamaConfig
+    decode: bool = False  # KV-cache mode for zoo.generate (see layers.SelfAttention)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, return_hidden=False):
@@ -42,7 +43,7 @@ class Llama(nn.Module):
                 SelfAttention, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                 qkv_bias=cfg.attention_bias, qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
                 rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, sliding_window=cfg.sliding_window,
-                attention_impl=cfg.attention_impl, **kw),
+                attention_impl=cfg.attention_impl, decode=self.decode, **kw),
             make_mlp=partial(MLP, cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, gated=True, **kw),
         )
         x_BTD, _ = blocks(x_BTD, positions_BT, segment_ids_BT)
