@@ -1,0 +1,1 @@
+"""Benchmarks: attention kernels, training throughput, generation, TPU planning."""

@@ -1,0 +1,75 @@
+"""Shared benchmark helpers: synchronised timing, device description, matmul peak,
+and result files (JSON + PNG) under benchmarks/results/."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def time_fn(fn, *args, warmup: int = 2, repeats: int = 5) -> dict:
+    """Median/min wall time of `fn(*args)` after warm-up, each call blocked until done."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
+
+
+def device_info() -> dict:
+    """What the figures were measured on: device kind, count, jax version, host, date."""
+    dev = jax.devices()[0]
+    return {
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "jax_version": jax.__version__,
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def matmul_peak_tflops(dtype=jnp.bfloat16, size: int | None = None, repeats: int = 5) -> float:
+    """Measured dense matmul throughput (TFLOP/s), the denominator of '% of peak'."""
+    if size is None:
+        size = 1024 if jax.devices()[0].platform == "cpu" else 8192
+    dtype = jnp.float32 if jax.devices()[0].platform == "cpu" else dtype
+    a = jnp.ones((size, size), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    t = time_fn(f, a, a, warmup=2, repeats=repeats)["median_s"]
+    return 2 * size**3 / t / 1e12
+
+
+def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    """Writes results/<name>.json (pretty, sorted keys) and returns its path."""
+    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """A GitHub markdown table of `rows` restricted to `columns`."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
