@@ -201,3 +201,126 @@ _register(LlamaConfig(name="tiny-gemma", architecture="GemmaForCausalLM", num_kv
 _register(LlamaConfig(name="small-llama", vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4,
                       num_kv_heads=2, intermediate_size=768, max_seq_len=512, dtype="float32",
                       tie_word_embeddings=True))
+
+
+# --- Encoders (BERT) and encoder-decoders (T5) -----------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class BertConfig(ModelConfig):
+    """BERT: learned absolute positions + token types, post-LayerNorm blocks, exact-erf GELU.
+
+    `architecture` picks the head: BertModel (hidden states, pooler), BertForMaskedLM
+    (tied MLM head) or BertForSequenceClassification (pooler + classifier).
+    `max_seq_len` is HF's max_position_embeddings.
+    """
+
+    family: ClassVar[str] = "bert"
+    mlp_matrices: ClassVar[int] = 2
+    ARCHITECTURES: ClassVar[tuple[str, ...]] = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification")
+
+    architecture: str = "BertModel"
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    num_labels: int = 2
+    pad_token_id: int = 0
+    # Not part of HF's BertConfig (it lives in the tokenizer): the id the MLM objective
+    # writes over masked tokens. 103 is [MASK] in the uncased BERT vocabulary.
+    mask_token_id: int = 103
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.architecture not in self.ARCHITECTURES:
+            raise ValueError(f"{self.name}: architecture {self.architecture!r} is not one of {self.ARCHITECTURES}")
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(f"{self.name}: BERT has no grouped-query attention (num_kv_heads must equal num_heads)")
+        if self.type_vocab_size <= 0 or self.num_labels <= 0:
+            raise ValueError(f"{self.name}: type_vocab_size and num_labels must be positive")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"{self.name}: mask_token_id={self.mask_token_id} is outside the vocabulary")
+
+    @property
+    def hf_architecture(self) -> str:  # type: ignore[override]
+        return self.architecture
+
+
+@dataclass(frozen=True, kw_only=True)
+class T5Config(ModelConfig):
+    """T5 encoder-decoder: relative position buckets, RMS layer norm, no attention scaling.
+
+    v1.0: feed_forward_proj="relu", tied head with the decoder output scaled by
+    hidden_size**-0.5. v1.1 / Flan: "gated-gelu" (tanh GELU) and an untied lm_head.
+    scale_decoder_outputs defaults to tie_word_embeddings (the rule of the original
+    T5 code); transformers>=5 saves v1.1 models tied but unscaled, so it is separate.
+    num_layers counts encoder blocks; num_decoder_layers 0 means the same number.
+    `max_seq_len` only bounds training lengths (T5 has no position table).
+    """
+
+    family: ClassVar[str] = "t5"
+    hf_architecture: ClassVar[str] = "T5ForConditionalGeneration"
+    FEED_FORWARD: ClassVar[tuple[str, ...]] = ("relu", "gated-gelu")
+
+    num_decoder_layers: int = 0
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"
+    tie_word_embeddings: bool = True
+    scale_decoder_outputs: bool | None = None
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    # Span corruption writes sentinels counting down from this id (<extra_id_0>);
+    # 0 means vocab_size - 1. T5's SentencePiece vocabulary puts it at 32099.
+    first_sentinel_id: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.num_decoder_layers:
+            object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        if not self.first_sentinel_id:
+            object.__setattr__(self, "first_sentinel_id", self.vocab_size - 1)
+        if self.scale_decoder_outputs is None:
+            object.__setattr__(self, "scale_decoder_outputs", self.tie_word_embeddings)
+        if self.feed_forward_proj not in self.FEED_FORWARD:
+            raise ValueError(f"{self.name}: feed_forward_proj must be one of {self.FEED_FORWARD}, "
+                             f"got {self.feed_forward_proj!r}")
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(f"{self.name}: T5 has no grouped-query attention (num_kv_heads must equal num_heads)")
+        if self.relative_attention_num_buckets < 4 or self.relative_attention_max_distance <= 0:
+            raise ValueError(f"{self.name}: relative_attention_num_buckets must be >= 4 and max_distance positive")
+        if not 0 < self.first_sentinel_id < self.vocab_size:
+            raise ValueError(f"{self.name}: first_sentinel_id={self.first_sentinel_id} is outside the vocabulary")
+
+    @property
+    def mlp_matrices(self) -> int:  # type: ignore[override]
+        return 3 if self.feed_forward_proj == "gated-gelu" else 2
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per (encoder + decoder) token pair, the PaLM convention per stack."""
+        d, n, h, f = self.hidden_size, self.num_heads, self.head_dim, self.intermediate_size
+        attn, mlp = 4 * d * n * h, self.mlp_matrices * d * f
+        dense = self.num_layers * (attn + mlp) + self.num_decoder_layers * (2 * attn + mlp) + d * self.vocab_size
+        layers = self.num_layers + 2 * self.num_decoder_layers
+        return 6.0 * dense + 12.0 * layers * n * h * seq_len
+
+
+# bert-base-uncased / bert-large-uncased (BertModel with pooler: 109.48M / 335.14M).
+_BERT = dict(vocab_size=30522, max_seq_len=512, type_vocab_size=2)
+_register(BertConfig(name="bert-base", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, **_BERT))
+_register(BertConfig(name="bert-large", hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
+                     **_BERT))
+# T5 v1.0 (tied, ReLU) and Flan-T5 (v1.1: gated-GELU, untied); vocab 32128, sentinels from 32099.
+_T5 = dict(vocab_size=32128, head_dim=64, max_seq_len=512, first_sentinel_id=32099)
+_register(T5Config(name="t5-small", hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048, **_T5))
+_register(T5Config(name="t5-base", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, **_T5))
+_register(T5Config(name="t5-large", hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, **_T5))
+_register(T5Config(name="flan-t5-base", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048,
+                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, **_T5))
+# Tiny encoder presets for tests and CPU runs. tiny-bert trains with --objective mlm:
+# the sentencepiece tokenizer train.py builds never emits unk (byte fallback), so
+# id 1 is free to serve as [MASK].
+_register(BertConfig(name="tiny-bert", architecture="BertForMaskedLM", mask_token_id=1, **_TINY))
+_register(BertConfig(name="tiny-bert-cls", architecture="BertForSequenceClassification", mask_token_id=1, **_TINY))
+_register(T5Config(name="tiny-t5", **_TINY))
+_register(T5Config(name="tiny-t5-v1.1", feed_forward_proj="gated-gelu", tie_word_embeddings=False, **_TINY))

@@ -1,0 +1,26 @@
+"""Test-session setup shared by every test file.
+
+The environment must be set before jax is first imported (test modules import
+it after this file is loaded and configured):
+  * 8 fake CPU devices, so sharding tests can build real meshes on one host;
+  * JAX_PLATFORMS=cpu unless the caller chose, or selected the `gpu`-marked
+    tests (`pytest -m gpu`, which need the real GPU backend): libtpu is
+    installed for AOT topology compiles, and would otherwise probe for TPU
+    hardware at start-up. TPU topology descriptions still work under "cpu";
+  * ALLOW_MULTIPLE_LIBTPU_LOAD=1: libtpu otherwise takes a host-wide lock file,
+    so two test processes compiling for TPU topologies at once would fail.
+"""
+
+import os
+
+_FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
+if _FAKE_DEVICES.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAKE_DEVICES}".strip()
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def pytest_configure(config):
+  markexpr = config.getoption("markexpr", "") or ""
+  wants_gpu = "gpu" in markexpr and "not gpu" not in markexpr
+  if not wants_gpu:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")

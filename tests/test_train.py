@@ -1,0 +1,261 @@
+"""train.py: the shared sharded step (same numbers on 8 devices as on 1), exact resume,
+no attention across packed documents, the script end to end, and its flag checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import train
+import zoo
+from zoo import data, objectives
+from zoo.sharding import make_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 fake CPU devices (tests/conftest.py)")
+
+
+def _packed_batch(cfg, b=8, t=32, seed=0):
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((b, t), np.int32)
+    seg[:, :18], seg[:, 18:29] = 1, 2  # two documents, then padding
+    ids = np.where(seg > 0, rng.integers(4, cfg.vocab_size, (b, t)), 0).astype(np.int32)
+    return {"input_ids": ids, "segment_ids": seg, "positions": data.restart_positions(seg)}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small JSONL corpus of word salad and a sentencepiece tokenizer trained on it."""
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = np.array("the of a model train step shard mesh token loss data grad param jax flax scan".split())
+    with open(d / "docs.jsonl", "w") as f:
+        for _ in range(200):
+            f.write(json.dumps({"text": " ".join(rng.choice(words, rng.integers(5, 60)))}) + "\n")
+    data.train_tokenizer(data.DocumentSource([str(d)]), d / "tok.model", vocab_size=300)
+    return d
+
+
+@needs_8
+def test_sharded_step_matches_single_device(tmp_path):
+    cfg = zoo.config("tiny-llama", dtype="float32", param_dtype="float32")
+    # eps well above float32 rounding of the gradients: Adam's first step is ~sign(g),
+    # which would otherwise turn reduction-order noise on near-zero gradients into O(lr) changes.
+    opt = train.OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=10, eps=1e-3)
+    batch = _packed_batch(cfg)
+    results = []
+    for spec, devices in (("data=1", jax.devices()[:1]), ("data=2,fsdp=2,tensor=2", jax.devices()[:8])):
+        mesh = make_mesh(spec, devices=devices)
+        tr = train.make_trainer(cfg, mesh, opt, batch_size=8, seq_len=32, grad_accum=2)
+        if not results:
+            state = train.init_state(tr, mesh, seed=0)
+            host_state = jax.device_get(state)
+        else:
+            state = jax.device_put(host_state, tr.state_shardings)
+            # the parameters really are split: per-device shard shapes, not just specs
+            gate = state["params"]["layers"]["mlp"]["gate_proj"]["kernel"]  # [L, D, F]: embed->fsdp, mlp->tensor
+            assert gate.shape == (2, 64, 128)
+            assert {s.data.shape for s in gate.addressable_shards} == {(2, 32, 64)}
+            assert len(gate.addressable_shards) == 8
+            emb = state["params"]["embed_tokens"]["embedding"]  # [V, D]: vocab->tensor, embed->fsdp
+            assert {s.data.shape for s in emb.addressable_shards} == {(cfg.vocab_size // 2, 32)}
+            mu = state["opt_state"][1][0].mu["layers"]["mlp"]["gate_proj"]["kernel"]  # optimizer state too
+            assert {s.data.shape for s in mu.addressable_shards} == {(2, 32, 64)}
+        gbatch = {k: jax.device_put(v, tr.batch_sharding) for k, v in batch.items()}
+        with train.mesh_context(mesh):
+            state, metrics = tr.step(state, gbatch)
+        results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
+    (p1, m1), (p8, m8) = results
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p8)):
+        rel = np.linalg.norm(a - b) / np.linalg.norm(a)
+        assert rel <= 1e-5, (jax.tree_util.keystr(path), rel)
+
+
+def test_grad_accumulation_equals_full_batch():
+    cfg = zoo.config("tiny-llama", dtype="float32")
+    mesh = make_mesh("data=1", devices=jax.devices()[:1])
+    opt = train.OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=10, eps=1e-3)
+    batch = _packed_batch(cfg, b=4, t=16)
+    batch["segment_ids"][0, 10:] = 0  # rows with different target counts: the mean is per token
+    out = []
+    for accum in (1, 4):
+        tr = train.make_trainer(cfg, mesh, opt, batch_size=4, seq_len=16, grad_accum=accum)
+        state, metrics = tr.step(train.init_state(tr, mesh, 0), batch)
+        out.append((jax.device_get(state["params"]), jax.device_get(metrics)))
+    np.testing.assert_allclose(out[1][1]["loss"], out[0][1]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(out[1][1]["grad_norm"], out[0][1]["grad_norm"], rtol=1e-5)
+    assert out[0][1]["targets"] == out[1][1]["targets"] == np.sum(
+        (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]) & (batch["segment_ids"][:, :-1] > 0))
+
+
+def test_packed_documents_get_no_gradient_from_each_other():
+    cfg = zoo.config("tiny-llama", dtype="float32")  # untied head: embedding rows get gradient only as inputs
+    model = zoo.build(cfg)
+    t, split = 24, 14
+    seg = np.array([[1] * split + [2] * (t - split)], np.int32)
+    ids = np.concatenate([np.arange(10, 10 + split), np.arange(100, 100 + t - split)])[None].astype(np.int32)
+    pos = data.restart_positions(seg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.asarray(ids))["params"])
+
+    def doc_b_output(p, segment_ids, positions):
+        logits = model.apply({"params": p}, ids, positions=positions, segment_ids=segment_ids)
+        return jnp.sum(jnp.sin(logits[0, split:]))  # any function of document B's outputs
+
+    grad_fn = jax.jit(jax.grad(doc_b_output))
+    grad = grad_fn(params, seg, pos)["embed_tokens"]["embedding"]
+    assert np.all(np.asarray(grad[10:10 + split]) == 0.0)  # document A's input embeddings: exactly zero
+    assert np.all(np.abs(np.asarray(grad[100:100 + t - split])).sum(-1) > 0)  # document B's own: non-zero
+    leaky = grad_fn(params, np.ones_like(seg), np.arange(t)[None])["embed_tokens"]["embedding"]
+    assert np.abs(np.asarray(leaky[10:10 + split])).sum() > 0  # without segment ids A does reach B
+
+    # and the packed row's loss is the sum of each document's own loss
+    @jax.jit
+    def loss(b):
+        return objectives.causal_lm_loss(model, params, b, None)
+
+    packed, _ = loss({"input_ids": ids, "segment_ids": seg, "positions": pos})
+    alone = sum(loss({"input_ids": ids[:, s], "segment_ids": np.ones_like(ids[:, s]),
+                      "positions": np.arange(s.stop - s.start)[None]})[0] for s in (slice(0, split), slice(split, t)))
+    np.testing.assert_allclose(packed, alone, rtol=1e-5)
+
+
+def _run(argv):
+    result = train.main(argv + ["--no-progress"])
+    assert isinstance(result, dict), result
+    return result
+
+
+def test_resume_matches_uninterrupted_run_bitwise(tmp_path, corpus):
+    common = ["--model", "tiny-llama", "--data", str(corpus), "--tokenizer", str(corpus / "tok.model"),
+              "--batch-size", "8", "--seq-len", "32", "--decay-steps", "6", "--warmup-steps", "2",
+              "--checkpoint-every", "2", "--sample-tokens", "0"]
+    _run(common + ["--steps", "3", "--out", str(tmp_path / "a")])  # "preempted" after 3 steps
+    resumed = _run(common + ["--steps", "6", "--out", str(tmp_path / "a")])
+    straight = _run(common + ["--steps", "6", "--out", str(tmp_path / "b")])
+    assert resumed["start_step"] == 3 and len(resumed["losses"]) == 3
+
+    def records(d):
+        return [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]
+
+    a, b = records("a"), records("b")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):  # losses bitwise (data order included), and the optimizer's view
+        assert (ra["loss"], ra["grad_norm"], ra["learning_rate"]) == (rb["loss"], rb["grad_norm"],
+                                                                       rb["learning_rate"])
+    assert straight["losses"][3:] == resumed["losses"]
+
+
+def test_train_script_small_mode_end_to_end(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    result = _run(["--model", "tiny-gpt2", "--data", str(corpus / "docs.jsonl"), "--steps", "4",
+                   "--batch-size", "16", "--seq-len", "32", "--checkpoint-every", "2", "--sample-tokens", "8",
+                   "--sample-prompt", "the model", "--grad-accum", "2", "--remat", "dots", "--dtype", "bfloat16",
+                   "--z-loss", "1e-4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "trained a" in printed and (out / "tokenizer.model").is_file()  # no --tokenizer: trained and saved
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        for field in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu"):
+            assert np.isfinite(r[field]), field
+        assert r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1 and r["z_loss"] > 0 and r["tokens"] > 0
+    assert sorted(os.listdir(out / "checkpoints")) == ["2", "4"]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
+    assert result["sample"].startswith("the model") and "---- sample" in printed
+    again = _run(["--model", "tiny-gpt2", "--data", str(corpus / "docs.jsonl"), "--steps", "4", "--batch-size",
+                  "8", "--seq-len", "32", "--sample-tokens", "0", "--out", str(out)])
+    assert again["losses"] == [] and "nothing to train" in capsys.readouterr().out
+
+
+def test_help_documents_every_flag():
+    text = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"], capture_output=True,
+                          text=True, check=True, cwd=ROOT).stdout
+    flags = [o for a in train.build_parser()._actions for o in a.option_strings if o.startswith("--")]
+    assert len(flags) > 25
+    for flag in flags:
+        assert flag in text, flag
+    assert "default: small-llama" in text and "default: 8" in text  # defaults are shown
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mesh", "data=3"], "data=3"),
+    (["--mesh", "tensor=8", "--model", "tiny-llama"], "does not divide num_heads"),
+    (["--model", "no-such-model"], "unknown model"),
+    (["--model", "tiny-bert"], "--objective clm trains"),
+    (["--data", "/no/such/path"], "does not exist"),
+    (["--steps", "0"], "--steps"),
+    (["--batch-size", "ten"], "--batch-size"),
+    (["--lr", "-1"], "--lr"),
+    (["--batch-size", "12", "--grad-accum", "5"], "does not divide --batch-size"),
+    (["--seq-len", "100000", "--model", "tiny-llama"], "max_seq_len"),
+])
+def test_bad_flags_fail_before_compiling(argv, message, capsys, monkeypatch, tmp_path):
+    def no_compile(*a, **k):
+        raise AssertionError("compiled despite a bad flag")
+
+    monkeypatch.setattr(train, "make_trainer", no_compile)
+    monkeypatch.setattr(data, "train_tokenizer", no_compile)
+    assert train.main(argv + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error:") and message in err[0], err
+
+
+def test_tokenizer_larger_than_model_vocab_fails_before_compiling(corpus, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "make_trainer", lambda *a, **k: pytest.fail("compiled"))
+    argv = ["--model", "tiny-llama", "--data", str(corpus), "--tokenizer", str(corpus / "tok.model"),
+            "--out", str(tmp_path)]
+    n = data.Tokenizer(corpus / "tok.model").vocab_size
+    assert train.main(argv + ["--vocab-size", "128"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"has {n} tokens but model 'tiny-llama' has vocab_size=128" in err[0], err
+    cfg = train._resolve(train.build_parser().parse_args(argv + ["--vocab-size", "tokenizer"]))[0]
+    assert cfg.vocab_size == -(-n // 128) * 128
+
+
+def test_model_from_hf_config_json(tmp_path):
+    pytest.importorskip("zoo.hf")
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "hidden_size": 32,
+              "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    args = train.build_parser().parse_args(["--model", str(tmp_path), "--data", "synthetic", "--seq-len", "32"])
+    cfg = train._resolve(args)[0]
+    assert (cfg.family, cfg.vocab_size, cfg.hidden_size, cfg.num_kv_heads) == ("llama", 256, 32, 2)
+
+
+def test_bad_flag_exit_code_in_a_fresh_process():
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "nope"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("train.py")]
+    assert len(lines) == 1 and "unknown model 'nope'" in lines[0] and "Traceback" not in proc.stderr
+    assert time.time() - t0 < 60
+
+
+@pytest.mark.slow
+def test_embedded_default_run(tmp_path):
+    """`python train.py` as a user runs it: <= 5 minutes, loss falls >= 2 nats, a sample."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "default"),
+                           "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    wall = time.time() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in open(tmp_path / "default" / "metrics.jsonl")]
+    assert records[0]["loss"] - records[-1]["loss"] >= 2.0
+    assert (tmp_path / "default" / "loss.png").is_file() and os.listdir(tmp_path / "default" / "checkpoints")
+    assert "---- sample" in proc.stdout
+    assert wall <= 300, wall

@@ -1,0 +1,126 @@
+"""BERT: learned absolute positions and token types, post-LayerNorm encoder blocks,
+exact-erf GELU, and the three HF heads (BertModel, BertForMaskedLM,
+BertForSequenceClassification), chosen by `BertConfig.architecture`.
+
+Padding follows HF exactly: an attention_mask hides padded *keys*, while padded
+queries still attend to the real tokens (their outputs are computed, not zeroed).
+Dropout is not modelled: the forward is the deterministic (eval) one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from zoo.configs import BertConfig
+from zoo.layers import MLP, Dense, Embed, LayerNorm, SelfAttention, default_positions, param_with_axes, scan_layers
+from zoo.sharding import constrain
+
+
+def check_inputs(cfg, input_ids, **arrays) -> None:
+    """Raises ValueError, before tracing further, for ids/masks of the wrong rank, shape or dtype."""
+    if getattr(input_ids, "ndim", None) != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"{cfg.name}: input_ids must be an integer [batch, length] array, got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids))}{getattr(input_ids, 'shape', '')}")
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        if getattr(x, "shape", None) != input_ids.shape:
+            raise ValueError(f"{cfg.name}: {name} must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {getattr(x, 'shape', type(x))}")
+
+
+def encoder_segment_ids(attention_mask_BT, segment_ids_BT, batch: int, length: int):
+    """(q_ids, kv_ids) for `kernels.attention`, or None when nothing is masked.
+
+    Packed `segment_ids` keep attention inside each document (padding id 0 attends
+    nowhere). An HF attention_mask only hides keys: every query gets id 1, so padded
+    queries see the real tokens exactly as in PyTorch.
+    """
+    if segment_ids_BT is not None:
+        ids_BT = segment_ids_BT.astype(jnp.int32)
+        return ids_BT, ids_BT
+    if attention_mask_BT is not None:
+        return jnp.ones((batch, length), jnp.int32), (attention_mask_BT != 0).astype(jnp.int32)
+    return None
+
+
+class BertLayer(nn.Module):
+    """Post-LN block: x = norm(x + attn(x)); x = norm(x + mlp(x)). Scanned over layers."""
+
+    cfg: BertConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, segment_ids):
+        cfg = self.cfg
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        x_BTD = constrain(x_BTD, ("batch", "length", "activation_embed"))
+        attn = SelfAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, qkv_bias=True,
+                             out_bias=True, causal=False, attention_impl=cfg.attention_impl, name="attn", **kw)
+        x_BTD = LayerNorm(cfg.layer_norm_eps, name="attn_norm", **kw)(x_BTD + attn(x_BTD, None, segment_ids))
+        mlp = MLP(cfg.hidden_size, cfg.intermediate_size, "gelu", gated=False, use_bias=True, name="mlp", **kw)
+        x_BTD = LayerNorm(cfg.layer_norm_eps, name="mlp_norm", **kw)(x_BTD + mlp(x_BTD))
+        return constrain(x_BTD, ("batch", "length", "activation_embed")), None
+
+
+def _square(features: int, name: str, kw: dict) -> Dense:
+    # A [D, D] kernel cannot name "embed" twice (one mesh axis per array dim), so the
+    # output side takes the tensor-parallel "mlp" name.
+    return Dense((features,), ("embed",), ("mlp",), use_bias=True, name=name, **kw)
+
+
+class Bert(nn.Module):
+    """`apply(params, input_ids, attention_mask=None, token_type_ids=None, *, positions, segment_ids)`.
+
+    Returns last_hidden_state [B, T, D] (BertModel; with `return_pooled=True` the pair
+    (last_hidden_state, pooler_output)), MLM logits [B, T, V] (BertForMaskedLM) or
+    class logits [B, num_labels] (BertForSequenceClassification). `positions` and
+    `segment_ids` serve packed training rows; they default to 0..T-1 and the mask.
+    """
+
+    cfg: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, positions=None, segment_ids=None,
+                 return_pooled=False):
+        cfg = self.cfg
+        check_inputs(cfg, input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                     positions=positions, segment_ids=segment_ids)
+        b, t = input_ids.shape
+        if t > cfg.max_seq_len:
+            raise ValueError(f"{cfg.name}: input length {t} exceeds max_position_embeddings={cfg.max_seq_len}")
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        positions_BT = default_positions(input_ids) if positions is None else positions
+        types_BT = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+
+        word = Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings", **kw)
+        x_BTD = (word(input_ids)
+                 + Embed(cfg.max_seq_len, cfg.hidden_size, axes=("positions", "embed"), name="position_embeddings",
+                         **kw)(positions_BT)
+                 + Embed(cfg.type_vocab_size, cfg.hidden_size, axes=(None, "embed"), name="token_type_embeddings",
+                         **kw)(types_BT))
+        x_BTD = LayerNorm(cfg.layer_norm_eps, name="embed_norm", **kw)(x_BTD)
+
+        layers = scan_layers(BertLayer, cfg.num_layers, cfg.remat, cfg=cfg)
+        x_BTD, _ = layers(x_BTD, encoder_segment_ids(attention_mask, segment_ids, b, t))
+        x_BTD = constrain(x_BTD, ("batch", "length", "activation_embed"))
+
+        if cfg.architecture == "BertForMaskedLM":
+            h_BTD = jax.nn.gelu(_square(cfg.hidden_size, "mlm_dense", kw)(x_BTD), approximate=False)
+            h_BTD = LayerNorm(cfg.layer_norm_eps, name="mlm_norm", **kw)(h_BTD)
+            mlm_bias = self.param("mlm_bias", param_with_axes(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
+                                  kw["param_dtype"])
+            logits_BTV = (word.attend(h_BTD) + mlm_bias.astype(kw["dtype"])).astype(jnp.float32)
+            return constrain(logits_BTV, ("batch", "length", "activation_vocab"))
+
+        pooled_BD = jnp.tanh(_square(cfg.hidden_size, "pooler", kw)(x_BTD[:, 0]))
+        if cfg.architecture == "BertForSequenceClassification":
+            classifier = Dense((cfg.num_labels,), ("embed",), ("classes",), use_bias=True, name="classifier", **kw)
+            return classifier(pooled_BD).astype(jnp.float32)
+        return (x_BTD, pooled_BD) if return_pooled else x_BTD
+
+
+def build_bert(cfg: BertConfig) -> Bert:
+    """The Module for any BERT architecture (the head is chosen by cfg.architecture)."""
+    return Bert(cfg)
