@@ -166,6 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-prompt", default=DEFAULT_PROMPT, help="prompt of the final sample")
     g.add_argument("--temperature", type=_non_negative_float, default=0.7, help="sampling temperature (0: greedy)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--max-nonfinite", type=_positive_int, default=10,
+                   help="a step whose loss or gradient norm is not finite leaves the params unchanged (counted in "
+                        "metrics as 'nonfinite'); after this many in a row the run saves the last good state and "
+                        "stops with exit status 3")
+    g = p.add_argument_group("multi-host (jax.distributed; auto-detected on TPU pods, Slurm and Open MPI)")
+    g.add_argument("--coordinator", default=None,
+                   help="HOST:PORT of process 0's coordinator; with --num-processes and --process-id, for clusters "
+                        "JAX cannot detect (every process runs the same command with its own --process-id)")
+    g.add_argument("--num-processes", type=_positive_int, default=None, help="processes in the job (with --coordinator)")
+    g.add_argument("--process-id", type=_non_negative_int, default=None,
+                   help="this process's index, 0..num-processes-1 (with --coordinator)")
+    # Fine-tuning (zoo/finetune.py) and the AOT planner (benchmarks/plan.py) own their flags.
+    from benchmarks import plan
+    from zoo import finetune
+
+    finetune.add_arguments(p)
+    plan.add_train_arguments(p)
     return p
 
 
@@ -312,8 +329,16 @@ def make_train_step(model, objective, tx, schedule, *, grad_accum: int = 1, z_lo
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         metrics = {k: v / weight for k, v in sums.items()}
-        metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]),
-                       tokens=jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32), targets=weight)
+        grad_norm = optax.global_norm(grads)
+        # A non-finite loss or gradient leaves params and optimizer state as they were
+        # (the step counter and rng still advance, so data and schedule stay aligned).
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_params = keep_if_bad(new_params, params)
+        opt_state = keep_if_bad(opt_state, state["opt_state"])
+        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state["step"]),
+                       tokens=jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32), targets=weight,
+                       nonfinite=1.0 - finite.astype(jnp.float32))
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": rng}
         return new_state, metrics
 
@@ -447,9 +472,41 @@ def plot_loss(records: list[dict], path: str) -> None:
 # ---------------------------------------------------------------------------------- main
 
 
-def _die(message: str) -> int:
+def _die(message: str, status: int = 2) -> int:
     print(f"train.py: error: {message}", file=sys.stderr)
-    return 2
+    return status
+
+
+# Environment variables that mark a multi-process job jax.distributed.initialize() can
+# configure by itself (TPU pod slices, Slurm, Open MPI, an explicit coordinator).
+_CLUSTER_ENV = ("MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS")
+
+
+def _cluster_detected() -> bool:
+    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice
+        return True
+    for name in _CLUSTER_ENV:
+        value = os.environ.get(name, "")
+        if value and (not value.isdigit() or int(value) > 1):
+            return True
+    return False
+
+
+def init_distributed(args) -> None:
+    """jax.distributed.initialize() for multi-process runs; must run before JAX touches a device."""
+    import jax
+
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(x is not None for x in explicit):
+        if any(x is None for x in explicit):
+            raise UsageError("--coordinator, --num-processes and --process-id go together")
+        if args.process_id >= args.num_processes:
+            raise UsageError(f"--process-id {args.process_id} is not below --num-processes {args.num_processes}")
+        if args.num_processes > 1:
+            jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                       process_id=args.process_id)
+    elif _cluster_detected():
+        jax.distributed.initialize()
 
 
 def _resolve(args):
@@ -494,7 +551,7 @@ def _resolve(args):
         data.STDLIB_MAX_BYTES if args.data == [data.STDLIB] else 0)
     try:
         source = data.DocumentSource(args.data, max_bytes=cap, split_bytes=args.split_bytes)
-    except (FileNotFoundError, ImportError) as e:
+    except (FileNotFoundError, ImportError, data.DataError) as e:
         raise UsageError(str(e)) from None
     if len(source) < jax.process_count():
         raise UsageError(f"--data holds {len(source)} documents, fewer than the {jax.process_count()} processes")
@@ -555,37 +612,125 @@ def sample(model, params, tokenizer, prompt: str, *, max_new_tokens: int, temper
 
 
 def main(argv: list[str] | None = None) -> dict | int:
-    """Runs training; returns a summary dict (exit status 2 as an int on bad flags)."""
+    """Runs training; returns a summary dict, or an exit status: 2 for bad flags or inputs
+    (one line on stderr, before compiling), 3 when too many non-finite steps stopped the run."""
     t0 = time.time()
     try:
         args = build_parser().parse_args(argv)
+        init_distributed(args)
+        if args.compile_only:
+            from benchmarks import plan
+
+            return plan.compile_only(args)
+        if args.task != "pretrain":
+            from zoo import finetune
+
+            return finetune.run(args)
         cfg, mesh, source, tokenizer = _resolve(args)
+        summary = _train(args, cfg, mesh, source, tokenizer)
     except UsageError as e:
         return _die(str(e))
-    summary = _train(args, cfg, mesh, source, tokenizer)
+    except NonFiniteStop as e:
+        return _die(str(e), status=3)
     summary["wall_s"] = time.time() - t0
-    print(f"done in {summary['wall_s']:.0f}s; run directory {args.out}")
+    if jax_process_index() == 0:
+        print(f"done in {summary['wall_s']:.0f}s; run directory {args.out}")
     return summary
+
+
+class NonFiniteStop(Exception):
+    """Too many consecutive non-finite steps: the run saved its last good state and stopped."""
+
+
+def jax_process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+class StopRequest:
+    """SIGTERM (preemption) sets a flag the loop polls between steps; with several
+    processes they agree (any one signalled stops them all at the same step)."""
+
+    def __init__(self):
+        import signal
+
+        self.signalled = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signalled = True
+
+    def requested(self) -> bool:
+        import jax
+        import numpy as np
+
+        if jax.process_count() == 1:
+            return self.signalled
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.process_allgather(np.int32(self.signalled)).max())
+
+    def close(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _prepare_run_dir(args, cfg, source, tokenizer):
+    """The tokenizer (trained by process 0 when missing) and args.json; existing files are never replaced."""
+    import jax
+
+    from zoo import data
+
+    primary = jax.process_index() == 0
+    os.makedirs(args.out, exist_ok=True)
+    if source is not None and tokenizer is None:
+        path = os.path.join(args.out, "tokenizer.model")
+        if primary:
+            t0 = time.time()
+            tokenizer = data.train_tokenizer(source, path, vocab_size=cfg.vocab_size)
+            print(f"trained a {tokenizer.vocab_size}-token sentencepiece BPE tokenizer on {len(source)} documents "
+                  f"in {time.time() - t0:.1f}s -> {path}")
+        _barrier("tokenizer")
+        if not primary:
+            tokenizer = data.Tokenizer(path)
+    args_path = os.path.join(args.out, "args.json")
+    if primary and not os.path.exists(args_path):  # the first run's flags; a resume keeps them
+        with open(args_path, "w") as f:
+            json.dump(vars(args), f, indent=1)
+    return tokenizer
 
 
 def _train(args, cfg, mesh, source, tokenizer) -> dict:
     import jax
-    import numpy as np
+    from flax import linen as nn
     from tqdm import tqdm
 
+    import zoo
     from zoo import data
-    from zoo.checkpoint import Checkpointer
+    from zoo.checkpoint import Checkpointer, CheckpointMismatch
     from zoo.objectives import get as get_objective
 
-    os.makedirs(args.out, exist_ok=True)
-    if source is not None and tokenizer is None:
-        path = os.path.join(args.out, "tokenizer.model")
-        t0 = time.time()
-        tokenizer = data.train_tokenizer(source, path, vocab_size=cfg.vocab_size)
-        print(f"trained a {tokenizer.vocab_size}-token sentencepiece BPE tokenizer on {len(source)} documents "
-              f"in {time.time() - t0:.1f}s -> {path}")
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    primary = jax.process_index() == 0
+    ckpt = Checkpointer(os.path.join(args.out, "checkpoints"), keep=args.keep_checkpoints)
+    start = ckpt.latest_step()
+    if start is not None:  # another model's checkpoint is refused before anything is written or compiled
+        try:
+            ckpt.check_compatible(start, {"params": nn.unbox(zoo.abstract_params(cfg, args.seq_len))})
+        except CheckpointMismatch as e:
+            ckpt.close()
+            raise UsageError(f"{e}; use another --out") from None
+    tokenizer = _prepare_run_dir(args, cfg, source, tokenizer)
 
     opt = OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, decay_steps=args.decay_steps or args.steps,
                       min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, b1=args.b1, b2=args.b2,
@@ -603,36 +748,42 @@ def _train(args, cfg, mesh, source, tokenizer) -> dict:
     trainer = make_trainer(cfg, mesh, opt, objective=args.objective, batch_size=args.batch_size,
                            seq_len=args.seq_len, grad_accum=args.grad_accum, z_loss=args.z_loss)
     compile_s = time.time() - t0
-    ckpt = Checkpointer(os.path.join(args.out, "checkpoints"), keep=args.keep_checkpoints)
-    start = ckpt.latest_step()
     if start is None:
         state = init_state(trainer, mesh, args.seed)
         start = 0
     else:
-        state, data_state = ckpt.restore(start, trainer.abstract_state)
+        try:
+            state, data_state = ckpt.restore(start, trainer.abstract_state)
+        except CheckpointMismatch as e:
+            ckpt.close()
+            raise UsageError(str(e)) from None
         data_it.set_state(data_state)
-        print(f"resuming {args.out} from its checkpoint at step {start}")
+        if primary:
+            print(f"resuming {args.out} from its checkpoint at step {start}")
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     peak, peak_src = peak_flops_per_device(args.peak_flops)
     flops_per_token = cfg.flops_per_token(args.seq_len)
-    print(f"model {cfg.name}: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {jax.device_count()} devices, "
-          f"step compiled in {compile_s:.1f}s; MFU peak {peak:.3g} FLOP/s/device ({peak_src})")
+    if primary:
+        print(f"model {cfg.name}: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {jax.device_count()} "
+              f"devices in {jax.process_count()} process(es), step compiled in {compile_s:.1f}s; "
+              f"MFU peak {peak:.3g} FLOP/s/device ({peak_src})")
 
-    log = MetricsLog(args.out)
+    log = MetricsLog(args.out) if primary else None
     losses: list[float] = []
+    nonfinite_run = 0  # consecutive non-finite steps
 
     fields = get_objective(args.objective).fields
 
     def to_global(batch):  # this process's rows -> one global array per field
         return {k: jax.make_array_from_process_local_data(trainer.batch_sharding, batch[k]) for k in fields}
 
-    bar = tqdm(total=args.steps, initial=min(start, args.steps), disable=args.no_progress, unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=min(start, args.steps), disable=args.no_progress or not primary,
+               unit="step", dynamic_ncols=True)
     last_time = time.time()
     pending = None  # (step, metrics on device): read one step late so the host never stalls the device
 
     def flush(item):
-        nonlocal last_time
+        nonlocal last_time, nonfinite_run
         step, metrics = item
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for that step to finish
         now = time.time()
@@ -641,14 +792,19 @@ def _train(args, cfg, mesh, source, tokenizer) -> dict:
         record = {"step": step, "loss": m["loss"], "learning_rate": m["learning_rate"], "grad_norm": m["grad_norm"],
                   "tokens_per_second": tps, "mfu": flops_per_token * tps / (jax.device_count() * peak)}
         record.update({k: v for k, v in m.items() if k not in record})
-        if step % args.log_every == 0 or step == args.steps:
+        if log is not None and (step % args.log_every == 0 or step == args.steps):
             log.write(record)
         losses.append(m["loss"])
+        nonfinite_run = nonfinite_run + 1 if m["nonfinite"] else 0
         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}")
+        bar.update(1)
+        return step
 
-    if start >= args.steps:
+    if start >= args.steps and primary:
         print(f"{args.out} already holds a checkpoint at step {start} >= --steps {args.steps}: nothing to train "
               "(pass --out DIR for a fresh run, or a larger --steps)")
+    stop = StopRequest()
+    stopped = None  # why the loop ended early
     try:
         with mesh_context(mesh):
             for step in range(start, args.steps):
@@ -656,25 +812,42 @@ def _train(args, cfg, mesh, source, tokenizer) -> dict:
                 state, metrics = trainer.step(state, batch)
                 if pending is not None:
                     flush(pending)
-                    bar.update(1)
                 pending = (step + 1, metrics)
-                if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+                if nonfinite_run >= args.max_nonfinite:
+                    stopped = "nonfinite"
+                elif stop.requested():
+                    stopped = "sigterm"
+                if stopped or (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+                    # Params are unchanged by non-finite steps: this is the last good state.
                     ckpt.save(step + 1, state, data_it.get_state())
+                if stopped:
+                    break
             if pending is not None:
                 flush(pending)
-                bar.update(1)
     finally:  # also on Ctrl-C: let a save in flight finish, so the next run resumes from it
+        stop.close()
         bar.close()
         ckpt.close()
-    history = log.history()
-    log.close()
+    history = log.history() if log is not None else []
+    if log is not None:
+        log.close()
     if history:
         plot_loss(history, os.path.join(args.out, "loss.png"))
-    summary = {"start_step": start, "steps": args.steps, "losses": losses, "out": args.out}
-    if history:
+    last = int(jax.device_get(state["step"]))
+    if stopped == "nonfinite":
+        raise NonFiniteStop(f"{nonfinite_run} steps in a row had a non-finite loss or gradient norm (the last at "
+                            f"step {last}); their updates were skipped and the last good params are checkpointed at "
+                            f"step {last} in {args.out}. Lower --lr or check the data, then rerun to resume.")
+    if stopped == "sigterm" and primary:
+        print(f"SIGTERM: checkpoint saved at step {last}; rerun the same command to resume")
+    summary = {"start_step": start, "steps": args.steps, "last_step": last, "losses": losses, "out": args.out,
+               "stopped": stopped}
+    if history and primary:
         print(f"loss {history[0]['loss']:.3f} (step {history[0]['step']}) -> {history[-1]['loss']:.3f} "
               f"(step {history[-1]['step']}); metrics in {log.path}")
-    if args.sample_tokens and tokenizer is not None and cfg.family in ("llama", "gpt2"):
+    # Sampling is a one-device demo; with several processes the params are not all on this host.
+    if (not stopped and jax.process_count() == 1 and args.sample_tokens and tokenizer is not None
+            and cfg.family in ("llama", "gpt2")):
         text = sample(trainer.model, state["params"], tokenizer, args.sample_prompt,
                       max_new_tokens=args.sample_tokens, temperature=args.temperature, seed=args.seed)
         summary["sample"] = text

@@ -11,10 +11,37 @@ restarted run resumes from the latest complete checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that cannot resume this run (another model, another process count)."""
+
+
+def _flat(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{"a/b/kernel": (shape, dtype name)} for every array leaf of a nested dict."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): (tuple(x.shape), str(np.dtype(x.dtype)))
+            for path, x in leaves}
+
+
+def _gather_json(obj) -> list:
+    """Every process's JSON-able `obj`, in process order (a collective: all processes call it)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.int32(raw.size))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: raw.size] = raw
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, lengths)]
 
 
 class Checkpointer:
@@ -34,19 +61,53 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, data_state: dict | None) -> None:
-        """Starts an async save of `state` (a pytree of jax.Arrays) and the iterator state."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
+        """Starts an async save of `state` (a pytree of jax.Arrays) and the iterator state.
+
+        Every process must call it. Each process's data-iterator state differs (its
+        own slice of the data), so they are gathered and stored together, one per process.
+        """
+        per_process = {"process_count": jax.process_count(), "processes": _gather_json(data_state or {})}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(per_process))
         self.manager.save(step, args=args, force=True)
+
+    def check_compatible(self, step: int, abstract_state) -> None:
+        """Raises CheckpointMismatch (naming the first differing parameter) unless checkpoint
+        `step` holds parameters of exactly `abstract_state`'s names, shapes and dtypes.
+
+        Reads only metadata, so a run pointed at another model's directory stops before
+        compiling or loading anything.
+        """
+        meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+        meta = getattr(meta, "item_metadata", meta)
+        saved = _flat(getattr(meta, "tree", meta)["params"])
+        wanted = _flat(abstract_state["params"])
+        for name in sorted(set(saved) | set(wanted)):
+            if name not in saved or name not in wanted:
+                where = "only in the checkpoint" if name in saved else "missing from the checkpoint"
+                raise CheckpointMismatch(f"checkpoint {self.directory}/{step} is of another model: parameter "
+                                         f"{name} is {where}")
+            (s_shape, s_dtype), (w_shape, w_dtype) = saved[name], wanted[name]
+            if s_shape != w_shape or s_dtype != w_dtype:
+                raise CheckpointMismatch(f"checkpoint {self.directory}/{step} is of another model: parameter {name} "
+                                         f"is {s_dtype}{list(s_shape)} there, {w_dtype}{list(w_shape)} here")
 
     def restore(self, step: int, abstract_state):
         """(state, data_state) of checkpoint `step`; arrays land with `abstract_state`'s shardings.
 
         `abstract_state`: a pytree of jax.ShapeDtypeStruct with `.sharding` set (what
         `jax.eval_shape` gives, plus shardings), so each host reads only its shards.
+        The data state returned is this process's.
         """
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
-        return restored["state"], restored["data"]
+        data = restored["data"] or {}
+        if "processes" not in data:  # nothing saved for the iterator
+            return restored["state"], data
+        if data["process_count"] != jax.process_count():
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory}/{step} was written by {data['process_count']} processes and its data "
+                f"order cannot be split over {jax.process_count()}; resume with {data['process_count']} processes")
+        return restored["state"], data["processes"][jax.process_index()]
 
     def wait(self) -> None:
         """Blocks until every pending save is on disk."""

@@ -77,16 +77,42 @@ def find_files(paths: Sequence[str]) -> list[Path]:
 
 
 def _line_chunks(path: str, split_bytes: int) -> Iterator[tuple[int, int]]:
-    """Byte ranges of consecutive lines, each at most `split_bytes` (unless one line is longer)."""
+    """Byte ranges of consecutive lines, each at most `split_bytes` (unless one line is longer).
+
+    Every line is checked to be UTF-8 on the way (DataError names the byte offset).
+    """
     start = end = 0
     with open(path, "rb") as fh:
         for line in fh:
+            _check_utf8(path, line, end)
             if end > start and end + len(line) - start > split_bytes:
                 yield start, end
                 start = end
             end += len(line)
     if end > start:
         yield start, end
+
+
+class DataError(ValueError):
+    """A data file that cannot be used (empty, not UTF-8, a JSON record without text)."""
+
+
+def _check_utf8(name: str, raw: bytes, offset: int = 0) -> None:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: not UTF-8 text (bad byte 0x{raw[e.start]:02x} at byte offset {offset + e.start}); "
+                        "convert it (e.g. iconv -t utf-8) or leave it out of --data") from None
+
+
+def _check_jsonl_line(name: str, n: int, line: bytes, offset: int) -> None:
+    _check_utf8(name, line, offset)
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name}:{n}: not a JSON record ({e.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise DataError(f"{name}:{n}: a JSON record needs a string 'text' field")
 
 
 class DocumentSource:
@@ -104,31 +130,40 @@ class DocumentSource:
         self.files = [str(p) for p in find_files(paths)]
         self.index: list[tuple[int, int, int]] = []  # (file number, start or record, end or -1)
         self._readers: dict[int, object] = {}
+        # A user's file that is empty or not UTF-8 is refused (it is a mistake more often
+        # than not); the embedded corpus has a few empty __init__.py files, skipped.
+        embedded = {str(p) for p in stdlib_files()} if STDLIB in paths else set()
         total = 0
         for f, name in enumerate(self.files):
             if max_bytes and total >= max_bytes:
                 break
+            size = os.path.getsize(name)
+            if not size:
+                if name in embedded:
+                    continue
+                raise DataError(f"{name}: empty data file; remove it from --data")
             if name.endswith(ARRAY_RECORD_SUFFIXES):
                 reader = self._array_record(f)
                 for r in range(reader.num_records()):
                     self.index.append((f, r, -1))
-                total += os.path.getsize(name)
+                total += size
             elif name.endswith(JSONL_SUFFIXES):
+                before = len(self.index)
                 with open(name, "rb") as fh:
                     start = 0
-                    for line in fh:
+                    for n, line in enumerate(fh, 1):
                         if line.strip():
+                            _check_jsonl_line(name, n, line, start)
                             self.index.append((f, start, start + len(line)))
                         start += len(line)
                         total += len(line)
                         if max_bytes and total >= max_bytes:
                             break
+                if len(self.index) == before:
+                    raise DataError(f"{name}: no JSON records in this JSONL file")
             else:
-                size = os.path.getsize(name)
-                if split_bytes and size > split_bytes:
-                    self.index.extend((f, a, b) for a, b in _line_chunks(name, split_bytes))
-                elif size:
-                    self.index.append((f, 0, size))
+                chunks = list(_line_chunks(name, split_bytes or size))
+                self.index.extend((f, a, b) for a, b in chunks)
                 total += size
 
     def _array_record(self, f: int):
@@ -335,7 +370,13 @@ class DataIterator:
 
 
 class SyntheticIterator:
-    """Uniform random tokens, one document per row; batch k depends only on (seed, process, k)."""
+    """Uniform random tokens, one document per row, for benchmarks and tests.
+
+    Row r of global batch k depends only on (seed, k, r), and a process yields the
+    rows `process_index * batch_size ...` of each global batch: the global batch is
+    the same whatever the number of processes (so a 2-host run sees the data a
+    1-host run sees) and no process generates rows it does not use.
+    """
 
     def __init__(self, *, vocab_size: int, seq_len: int, batch_size: int, seed: int, process_index: int = 0):
         self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
@@ -345,11 +386,14 @@ class SyntheticIterator:
         return self
 
     def __next__(self) -> dict:
-        rng = np.random.default_rng([self.seed, self.process_index, self.step])
+        first = self.process_index * self.batch_size
+        ids = np.stack([np.random.default_rng([self.seed, self.step, r]).integers(0, self.vocab_size, self.seq_len,
+                                                                                  dtype=np.int32)
+                        for r in range(first, first + self.batch_size)])
         self.step += 1
         shape = (self.batch_size, self.seq_len)
         return {
-            "input_ids": rng.integers(0, self.vocab_size, shape, dtype=np.int32),
+            "input_ids": ids,
             "segment_ids": np.ones(shape, np.int32),
             "positions": np.broadcast_to(np.arange(self.seq_len, dtype=np.int32), shape).copy(),
         }
