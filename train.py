@@ -523,6 +523,10 @@ def _resolve(args):
     if objective.families and cfg.family not in objective.families:
         raise UsageError(f"--objective {args.objective} trains {', '.join(objective.families)} models, not the "
                          f"{cfg.family} model {cfg.name!r}")
+    missing = [f for f in objective.fields if f not in data.BATCH_FIELDS]
+    if missing:  # labels / targets come from fine-tuning data, not from raw text
+        raise UsageError(f"--objective {args.objective} needs {', '.join(missing)}, which pretraining on raw text "
+                         "does not produce; fine-tune with --task classify or --task seq2seq")
     if args.seq_len > cfg.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len={cfg.max_seq_len} of model {cfg.name!r}")
     try:
@@ -705,9 +709,13 @@ def _prepare_run_dir(args, cfg, source, tokenizer):
         if not primary:
             tokenizer = data.Tokenizer(path)
     args_path = os.path.join(args.out, "args.json")
-    if primary and not os.path.exists(args_path):  # the first run's flags; a resume keeps them
+    if primary and not os.path.exists(args_path):  # the first run's flags and model; a resume keeps them
         with open(args_path, "w") as f:
             json.dump(vars(args), f, indent=1)
+        # The resolved config (and tokenizer) beside the checkpoints: `python -m zoo` reads them.
+        from zoo.evaluate import write_run_metadata
+
+        write_run_metadata(args.out, cfg, tokenizer)
     return tokenizer
 
 
