@@ -855,7 +855,7 @@ def _train(args, cfg, mesh, source, tokenizer) -> dict:
               f"(step {history[-1]['step']}); metrics in {log.path}")
     # Sampling is a one-device demo; with several processes the params are not all on this host.
     if (not stopped and jax.process_count() == 1 and args.sample_tokens and tokenizer is not None
-            and cfg.family in ("llama", "gpt2")):
+            and cfg.family in ("llama", "gpt2", "moe")):
         text = sample(trainer.model, state["params"], tokenizer, args.sample_prompt,
                       max_new_tokens=args.sample_tokens, temperature=args.temperature, seed=args.seed)
         summary["sample"] = text

@@ -334,3 +334,18 @@ def test_checkpoint_of_another_model_is_refused_before_compiling(tmp_path, capsy
 def test_bad_distributed_flags(argv, message, capsys, no_compile):
     assert train.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_process_count_is_refused_before_compiling(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert isinstance(train.main([*RUN, "--steps", "2", "--out", str(out)]), dict)
+    data_dir = out / "checkpoints" / "2" / "data"
+    (record,) = [p for p in data_dir.iterdir() if p.suffix != ".txt" and not p.name.startswith("_")]
+    saved = json.loads(record.read_text())
+    assert saved["process_count"] == 1 and len(saved["processes"]) == 1
+    record.write_text(json.dumps({"process_count": 2, "processes": saved["processes"] * 2}))
+    monkeypatch.setattr(train, "make_trainer", lambda *a, **k: pytest.fail("compiled despite the mismatch"))
+    capsys.readouterr()
+    assert train.main([*RUN, "--steps", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "written by 2 processes" in err[0], err

@@ -23,6 +23,8 @@ PUBLISHED = {
     "qwen3-0.6b": 0.59605e9,
     "qwen3-8b": 8.1907e9,
     "gemma-2b": 2.5062e9,
+    "mixtral-8x7b": 46.703e9,
+    "qwen3-30b-a3b": 30.532e9,
     "bert-base": 109.48e6,
     "bert-large": 335.14e6,
     "t5-small": 60.51e6,
@@ -31,7 +33,7 @@ PUBLISHED = {
     "flan-t5-base": 247.58e6,
 }
 FULL_SIZE = sorted(n for n in zoo.list_models() if not n.startswith(("tiny-", "small-")))
-DECODERS = [n for n in FULL_SIZE if zoo.config(n).family in ("gpt2", "llama")]
+DECODERS = [n for n in FULL_SIZE if zoo.config(n).family in ("gpt2", "llama", "moe")]
 
 
 def test_published_presets_exist():

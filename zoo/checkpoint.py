@@ -72,11 +72,17 @@ class Checkpointer:
 
     def check_compatible(self, step: int, abstract_state) -> None:
         """Raises CheckpointMismatch (naming the first differing parameter) unless checkpoint
-        `step` holds parameters of exactly `abstract_state`'s names, shapes and dtypes.
+        `step` holds parameters of exactly `abstract_state`'s names, shapes and dtypes, written
+        by as many processes as this run has.
 
         Reads only metadata, so a run pointed at another model's directory stops before
         compiling or loading anything.
         """
+        data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"] or {}
+        if data.get("process_count", jax.process_count()) != jax.process_count():
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory}/{step} was written by {data['process_count']} processes and its data "
+                f"order cannot be split over {jax.process_count()}; resume with {data['process_count']} processes")
         meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
         meta = getattr(meta, "item_metadata", meta)
         saved = _flat(getattr(meta, "tree", meta)["params"])

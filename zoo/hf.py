@@ -5,7 +5,7 @@ config translation pair (HF dict <-> zoo config) and a weight table of `Rule`s.
 A rule maps one HF tensor name pattern to one or more zoo parameter paths with an
 exact, invertible layout change (transpose and/or reshape, or a split of a fused
 tensor), so import followed by export is bit-identical. Stacked axes (the scanned
-layer axis `{i}`; experts could add `{e}`) are placeholders in the HF pattern that
+layer axis `{i}`, the expert axis `{e}` of MoE models) are placeholders in the HF pattern that
 index the leading axes of the zoo parameter. New families (BERT, T5, MoE) add an
 `ArchSpec` to `ARCHITECTURES`; nothing else here changes.
 
@@ -17,6 +17,7 @@ place only when everything has been written.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -32,7 +33,7 @@ import ml_dtypes
 import numpy as np
 from flax import linen as nn
 
-from zoo.configs import GPT2Config, LlamaConfig, ModelConfig
+from zoo.configs import GPT2Config, LlamaConfig, ModelConfig, MoEConfig
 
 
 class CheckpointError(ValueError):
@@ -303,11 +304,22 @@ def _llama_config_to_hf(cfg: LlamaConfig) -> dict:
 
 
 def _llama_weights(cfg: LlamaConfig) -> list[Rule]:
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    L = (("i", cfg.num_layers),)
+    m = "model.layers.{i}.mlp."
+    return _decoder_weights(cfg, [
+        Rule(m + "gate_proj.weight", ("layers/mlp/gate_proj/kernel",), "linear", (f, d), L),
+        Rule(m + "up_proj.weight", ("layers/mlp/up_proj/kernel",), "linear", (f, d), L),
+        Rule(m + "down_proj.weight", ("layers/mlp/down_proj/kernel",), "linear", (d, f), L),
+    ])
+
+
+def _decoder_weights(cfg: LlamaConfig, mlp_rules: list[Rule]) -> list[Rule]:
+    """Embeddings, attention, norms and head of a Llama-style decoder, around `mlp_rules`."""
+    d, v = cfg.hidden_size, cfg.vocab_size
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     L = (("i", cfg.num_layers),)
     a = "model.layers.{i}.self_attn."
-    m = "model.layers.{i}.mlp."
     rules = [
         Rule("model.embed_tokens.weight", ("embed_tokens/embedding",), "copy", (v, d)),
         Rule("model.layers.{i}.input_layernorm.weight", ("layers/attn_norm/scale",), "copy", (d,), L),
@@ -316,9 +328,7 @@ def _llama_weights(cfg: LlamaConfig) -> list[Rule]:
         Rule(a + "v_proj.weight", ("layers/attn/v_proj/kernel",), "linear", (k * h, d), L),
         Rule(a + "o_proj.weight", ("layers/attn/o_proj/kernel",), "linear", (d, n * h), L),
         Rule("model.layers.{i}.post_attention_layernorm.weight", ("layers/mlp_norm/scale",), "copy", (d,), L),
-        Rule(m + "gate_proj.weight", ("layers/mlp/gate_proj/kernel",), "linear", (f, d), L),
-        Rule(m + "up_proj.weight", ("layers/mlp/up_proj/kernel",), "linear", (f, d), L),
-        Rule(m + "down_proj.weight", ("layers/mlp/down_proj/kernel",), "linear", (d, f), L),
+        *mlp_rules,
         Rule("model.norm.weight", ("norm/scale",), "copy", (d,)),
     ]
     if cfg.attention_bias:
@@ -340,9 +350,89 @@ def _llama_spec(arch: str) -> ArchSpec:
     )
 
 
+# --- Mixture-of-experts decoders: Mixtral, Qwen3-MoE ---------------------------------------
+# Attention, norms and RoPE are those of the dense class named here, so the config
+# translation reuses the Llama family's (its checks included) and adds the MoE fields.
+
+_MOE_MODEL_TYPES = {"MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
+_MOE_DENSE_TWIN = {"MixtralForCausalLM": "MistralForCausalLM", "Qwen3MoeForCausalLM": "Qwen3ForCausalLM"}
+
+
+def _moe_config_from_hf(hf: dict, name: str, arch: str) -> MoEConfig:
+    is_qwen = arch == "Qwen3MoeForCausalLM"
+    _require(not hf.get("router_jitter_noise"), f"{arch}: router_jitter_noise is not supported")
+    if is_qwen:
+        _require(_get(hf, "decoder_sparse_step", 1) == 1 and not hf.get("mlp_only_layers"),
+                 f"{arch}: dense layers (decoder_sparse_step != 1 or mlp_only_layers) are not supported")
+        _require(not hf.get("shared_expert_intermediate_size"), f"{arch}: shared experts are not supported")
+    # transformers>=5 writes Qwen3-MoE's expert count as num_local_experts; Qwen's releases say num_experts.
+    experts = hf["num_experts"] if is_qwen and "num_experts" in hf else hf["num_local_experts"]
+    ffn = hf["moe_intermediate_size"] if is_qwen else hf["intermediate_size"]
+    twin = _MOE_DENSE_TWIN[arch]
+    try:
+        dense = _llama_config_from_hf({**hf, "intermediate_size": ffn}, name, twin)
+    except CheckpointError as e:  # the checks are shared; the message names the class read
+        raise CheckpointError(str(e).replace(twin, arch)) from None
+    fields = {f.name: getattr(dense, f.name) for f in dataclasses.fields(dense)}
+    return MoEConfig(**{**fields, "architecture": arch}, num_experts=experts,
+                     num_experts_per_tok=hf["num_experts_per_tok"],
+                     norm_topk_prob=bool(hf.get("norm_topk_prob", False)) if is_qwen else True,
+                     router_aux_loss_coef=float(_get(hf, "router_aux_loss_coef", 0.001)),
+                     router_z_loss_coef=float(_get(hf, "router_z_loss_coef", 0.001)))
+
+
+def _moe_config_to_hf(cfg: MoEConfig) -> dict:
+    arch = cfg.architecture
+    is_qwen = arch == "Qwen3MoeForCausalLM"
+    _require(cfg.norm_topk_prob or is_qwen, f"{cfg.name}: {arch} always renormalises (needs norm_topk_prob=True)")
+    _require(cfg.rope_scaling is None, f"{cfg.name}: {arch} has no Llama-3 rope scaling")
+    twin = _MOE_DENSE_TWIN[arch]
+    dense = LlamaConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(LlamaConfig)} | {
+        "architecture": twin})
+    try:
+        out = _llama_config_to_hf(dense)
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace(twin, arch)) from None
+    out.update(architectures=[arch], model_type=_MOE_MODEL_TYPES[arch], num_experts_per_tok=cfg.num_experts_per_tok,
+               router_aux_loss_coef=cfg.router_aux_loss_coef, router_z_loss_coef=cfg.router_z_loss_coef,
+               output_router_logits=False)
+    if is_qwen:
+        out.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.intermediate_size,
+                   norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[])
+    else:
+        out.update(num_local_experts=cfg.num_experts, router_jitter_noise=0.0)
+    return out
+
+
+def _moe_weights(cfg: MoEConfig) -> list[Rule]:
+    d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    L, LE = (("i", cfg.num_layers),), (("i", cfg.num_layers), ("e", e))
+    if cfg.architecture == "MixtralForCausalLM":  # w1 gate, w3 up, w2 down
+        m = "model.layers.{i}.block_sparse_moe."
+        names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    else:
+        m = "model.layers.{i}.mlp."
+        names = {p: p for p in ("gate_proj", "up_proj", "down_proj")}
+    return _decoder_weights(cfg, [
+        Rule(m + "gate.weight", ("layers/mlp/router/kernel",), "linear", (e, d), L),
+        *(Rule(m + f"experts.{{e}}.{names[p]}.weight", (f"layers/mlp/{p}",), "linear", shape, LE)
+          for p, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f)))),
+    ])
+
+
+def _moe_spec(arch: str) -> ArchSpec:
+    return ArchSpec(
+        config_from_hf=lambda hf, name: _moe_config_from_hf(hf, name, arch),
+        config_to_hf=_moe_config_to_hf, weights=_moe_weights,
+        ignore=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$",),
+        tied=lambda cfg: {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else {},
+    )
+
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "GPT2LMHeadModel": GPT2_SPEC,
     **{arch: _llama_spec(arch) for arch in _LLAMA_MODEL_TYPES},
+    **{arch: _moe_spec(arch) for arch in _MOE_MODEL_TYPES},
 }
 
 

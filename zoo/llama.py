@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Callable, ClassVar
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -22,6 +23,18 @@ class Llama(nn.Module):
     cfg: LlamaConfig
     decode: bool = False  # KV-cache mode for zoo.generate (see layers.SelfAttention)
 
+    # The scanned block; zoo/moe.py swaps in one whose MLP is routed experts.
+    block_cls: ClassVar[type[nn.Module]] = DecoderBlock
+
+    def make_mlp(self, **kw) -> Callable[..., nn.Module]:
+        """The per-layer MLP constructor: a gated (SwiGLU/GeGLU) MLP."""
+        cfg = self.cfg
+        return partial(MLP, cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, gated=True, **kw)
+
+    def layer_outputs(self, outputs_L, segment_ids_BT) -> None:
+        """Receives what the scanned blocks return per layer (None for the dense MLP)."""
+        del outputs_L, segment_ids_BT
+
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, return_hidden=False):
         cfg = self.cfg
@@ -37,16 +50,17 @@ class Llama(nn.Module):
         x_BTD = constrain(x_BTD, ("batch", "length", "activation_embed"))
 
         blocks = scan_layers(
-            DecoderBlock, cfg.num_layers, cfg.remat,
+            self.block_cls, cfg.num_layers, cfg.remat,
             make_norm=partial(RMSNorm, cfg.rms_norm_eps, cfg.norm_offset, **kw),
             make_attention=partial(
                 SelfAttention, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                 qkv_bias=cfg.attention_bias, qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
                 rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, sliding_window=cfg.sliding_window,
                 attention_impl=cfg.attention_impl, decode=self.decode, **kw),
-            make_mlp=partial(MLP, cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, gated=True, **kw),
+            make_mlp=self.make_mlp(**kw),
         )
-        x_BTD, _ = blocks(x_BTD, positions_BT, segment_ids_BT)
+        x_BTD, outputs_L = blocks(x_BTD, positions_BT, segment_ids_BT)
+        self.layer_outputs(outputs_L, segment_ids_BT)
         x_BTD = RMSNorm(cfg.rms_norm_eps, cfg.norm_offset, name="norm", **kw)(x_BTD)
         if return_hidden:
             return x_BTD

@@ -76,13 +76,50 @@ def cross_entropy_sums(logits_BTV, targets_BT, valid_BT, z_loss: float = 0.0):
     return total, {"weight": jnp.sum(weight_BT), "nll": nll, "z_loss": z, "accuracy": correct}
 
 
+AUX_LOSS_COLLECTION = "aux_loss"
+
+
+def apply_with_aux_losses(model, params, *args, **kwargs):
+    """`model.apply` that also returns the auxiliary losses the model sows.
+
+    A model with auxiliary losses (MoE routers) declares their weights in
+    `model.cfg.aux_loss_weights` and sows one scalar per name into the "aux_loss"
+    collection. Returns (output, {name: scalar}); models without any apply exactly as before.
+    """
+    if not getattr(model.cfg, "aux_loss_weights", None):
+        return model.apply({"params": params}, *args, **kwargs), {}
+    out, variables = model.apply({"params": params}, *args, mutable=[AUX_LOSS_COLLECTION], **kwargs)
+    sown = variables.get(AUX_LOSS_COLLECTION, {})
+    return out, {name: sum(jax.tree.leaves(values)) for name, values in sown.items()}
+
+
+def add_aux_losses(model, total, sums, aux_losses):
+    """Adds weight_name * loss_name to the loss for every auxiliary loss, and reports each.
+
+    Both are scaled by the number of targets, like every entry of `sums`, so the train
+    step's division by the total weight gives the per-token mean loss plus the weighted
+    auxiliary losses (token-weighted over gradient-accumulation microbatches).
+    """
+    if not aux_losses:
+        return total, sums
+    weights, sums = model.cfg.aux_loss_weights, dict(sums)
+    for name, value in aux_losses.items():
+        if name not in weights:
+            raise ValueError(f"model {model.cfg.name!r} sows auxiliary loss {name!r} but declares no weight for it")
+        total = total + weights[name] * value * sums["weight"]
+        sums[name] = value * sums["weight"]
+    return total, sums
+
+
 def causal_lm_loss(model, params, batch, rng, *, z_loss: float = 0.0):
-    """Next-token prediction on packed rows (attention and targets stay inside each document)."""
+    """Next-token prediction on packed rows (attention and targets stay inside each document),
+    plus any auxiliary losses the model sows (MoE load balancing and router z-loss)."""
     del rng  # deterministic forward; dropout-style objectives use it
-    logits_BTV = model.apply({"params": params}, batch["input_ids"], positions=batch["positions"],
-                             segment_ids=batch["segment_ids"])
+    logits_BTV, aux_losses = apply_with_aux_losses(model, params, batch["input_ids"], positions=batch["positions"],
+                                                   segment_ids=batch["segment_ids"])
     targets_BT, valid_BT = next_token_targets(batch["input_ids"], batch["segment_ids"])
-    return cross_entropy_sums(logits_BTV, targets_BT, valid_BT, z_loss)
+    total, sums = cross_entropy_sums(logits_BTV, targets_BT, valid_BT, z_loss)
+    return add_aux_losses(model, total, sums, aux_losses)
 
 
 register(Objective("clm", ("input_ids", "segment_ids", "positions"), causal_lm_loss,
@@ -221,3 +258,25 @@ register(Objective("span", ("input_ids", "segment_ids"), span_corruption_loss,
                    "T5 span corruption: noise density 0.15, mean span 3, sentinels per document"))
 register(Objective("cls", ("input_ids", "segment_ids", "labels"), classification_loss,
                    "sequence classification: cross-entropy of the class logits on labels[:, 0]"))
+
+
+# --- supervised text-to-text (T5 fine-tuning; train.py --task seq2seq) ----------------
+
+
+def seq2seq_loss(model, params, batch, rng, *, z_loss: float = 0.0):
+    """Teacher-forced cross-entropy of an encoder-decoder on (input, target) pairs.
+
+    No corruption: the pipeline gives the encoder rows (input_ids, segment_ids) and the
+    decoder rows (decoder_input_ids = targets shifted right within each pair,
+    decoder_segment_ids) with `targets`; the loss covers every real target token.
+    """
+    del rng
+    _require_model(model, "t5", None, "seq2seq")
+    logits_BTV = model.apply({"params": params}, batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"],
+                             segment_ids=batch["segment_ids"], decoder_segment_ids=batch["decoder_segment_ids"])
+    return cross_entropy_sums(logits_BTV, batch["targets"], batch["decoder_segment_ids"] > 0, z_loss)
+
+
+register(Objective("seq2seq", ("input_ids", "segment_ids", "decoder_input_ids", "decoder_segment_ids", "targets"),
+                   seq2seq_loss, "supervised seq2seq (T5): teacher-forced cross-entropy on the target tokens",
+                   families=("t5",)))

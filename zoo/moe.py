@@ -1,0 +1,167 @@
+"""Mixture-of-experts decoders: Mixtral and Qwen3-MoE.
+
+The Llama decoder (zoo/llama.py: attention, norms, RoPE, scan over layers) with each
+layer's MLP replaced by `MoEMLP`: a top-k router over E SwiGLU experts and a
+capacity-free (dropless) dispatch. Every token's k (token, expert) pairs are sorted
+by expert and the experts run as one grouped matmul (`jax.lax.ragged_dot`) over the
+sorted rows, so no token is ever dropped however unbalanced the routing.
+
+Expert weights carry the logical axis `expert` (zoo/sharding.py maps it to the
+`expert` mesh axis) beside `embed` (fsdp) and `mlp` (tensor).
+
+Training losses: each layer returns router statistics through the layer scan, and
+the model sows two scalars into the "aux_loss" collection, which
+`zoo.objectives` adds to the loss with the weights of `cfg.aux_loss_weights`:
+  * load_balancing_loss: HF's `load_balancing_loss_func` (Switch Transformer eq. 4-6
+    with top-k counts), pooled over all layers and the non-padding tokens;
+  * router_z_loss: mean over layers and tokens of logsumexp(router logits)^2 (ST-MoE).
+
+Letters (STYLE.md, plus): E experts, k experts per token, M = N*k routed rows,
+N flattened tokens (B*T).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from zoo.configs import MoEConfig
+from zoo.layers import ACTIVATIONS, DecoderBlock, Dense, default_init, param_with_axes
+from zoo.llama import Llama
+from zoo.sharding import constrain
+
+AUX_LOSS_COLLECTION = "aux_loss"
+
+
+def route(logits_NE, k: int, normalize: bool):
+    """Top-k routing: softmax over all experts, keep the k largest (renormalised if asked).
+
+    Returns (weights [N, k] float32, experts [N, k] int32, probabilities [N, E] float32).
+    Mixtral always renormalises; Qwen3-MoE does when norm_topk_prob.
+    """
+    probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+    weights_Nk, experts_Nk = jax.lax.top_k(probs_NE, k)
+    if normalize:
+        weights_Nk = weights_Nk / jnp.sum(weights_Nk, axis=-1, keepdims=True)
+    return weights_Nk, experts_Nk.astype(jnp.int32), probs_NE
+
+
+def dispatch_experts(x_ND, experts_Nk, weights_Nk, w_gate_EDF, w_up_EDF, w_down_EFD, activation: Callable):
+    """Dropless expert computation: sum_j weights[n, j] * expert_{experts[n, j]}(x[n]).
+
+    The N*k (token, expert) pairs are sorted by expert so that each expert's rows are
+    contiguous; `ragged_dot` multiplies every group by its own expert's matrices with
+    group sizes counted from the routing (no capacity, nothing dropped, nothing padded).
+    """
+    n, k = experts_Nk.shape
+    num_experts = w_gate_EDF.shape[0]
+    experts_M = experts_Nk.reshape(-1)
+    order_M = jnp.argsort(experts_M, stable=True)  # row m of the sorted list is pair order_M[m]
+    group_sizes_E = jnp.bincount(experts_M, length=num_experts).astype(jnp.int32)
+    x_sorted_MD = jnp.take(x_ND, order_M // k, axis=0)
+    gate_MF = jax.lax.ragged_dot(x_sorted_MD, w_gate_EDF, group_sizes_E)
+    up_MF = jax.lax.ragged_dot(x_sorted_MD, w_up_EDF, group_sizes_E)
+    y_sorted_MD = jax.lax.ragged_dot(activation(gate_MF) * up_MF, w_down_EFD, group_sizes_E)
+    y_MD = jnp.zeros_like(y_sorted_MD).at[order_M].set(y_sorted_MD, unique_indices=True)
+    return jnp.einsum("NkD,Nk->ND", y_MD.reshape(n, k, -1), weights_Nk.astype(y_MD.dtype))
+
+
+class MoEMLP(nn.Module):
+    """Routed SwiGLU experts. `__call__(x_BTD, segment_ids_BT) -> (y_BTD, router statistics)`.
+
+    Params: router/kernel [D, E] (float32 logits), gate_proj and up_proj [E, D, F],
+    down_proj [E, F, D]. The statistics (sums over this layer's non-padding tokens) are
+    what the load-balancing and z losses need: expert_counts [E] (top-k assignments),
+    expert_probs [E] (router probabilities), router_z (sum of logsumexp^2), tokens.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool = True
+    activation: str = "silu"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD, segment_ids_BT=None):
+        b, t, d = x_BTD.shape
+        e, f = self.num_experts, self.intermediate_size
+        x_ND = x_BTD.reshape(b * t, d)
+        # Routing decisions in float32, whatever the compute dtype: bf16 logits flip top-k ties.
+        logits_NE = Dense((e,), ("embed",), (None,), name="router", dtype=jnp.float32,
+                          param_dtype=self.param_dtype)(x_ND)
+        weights_Nk, experts_Nk, probs_NE = route(logits_NE, self.num_experts_per_tok, self.norm_topk_prob)
+
+        def expert_param(name, shape, axes):
+            return self.param(name, param_with_axes(default_init, axes), shape, self.param_dtype).astype(self.dtype)
+
+        w_gate_EDF = expert_param("gate_proj", (e, d, f), ("expert", "embed", "mlp"))
+        w_up_EDF = expert_param("up_proj", (e, d, f), ("expert", "embed", "mlp"))
+        w_down_EFD = expert_param("down_proj", (e, f, d), ("expert", "mlp", "embed"))
+        y_ND = dispatch_experts(x_ND.astype(self.dtype), experts_Nk, weights_Nk, w_gate_EDF, w_up_EDF, w_down_EFD,
+                                ACTIVATIONS[self.activation])
+
+        valid_N = (jnp.ones((b * t,), jnp.float32) if segment_ids_BT is None
+                   else (segment_ids_BT.reshape(-1) > 0).astype(jnp.float32))
+        lse_N = jax.nn.logsumexp(logits_NE, axis=-1)
+        stats = {
+            "expert_counts": jnp.zeros((e,), jnp.float32).at[experts_Nk].add(
+                jnp.broadcast_to(valid_N[:, None], experts_Nk.shape)),
+            "expert_probs": jnp.sum(probs_NE * valid_N[:, None], axis=0),
+            "router_z": jnp.sum(jnp.square(lse_N) * valid_N),
+            "tokens": jnp.sum(valid_N),
+        }
+        return y_ND.reshape(b, t, d), stats
+
+
+class MoEDecoderBlock(DecoderBlock):
+    """The pre-norm decoder block whose MLP is routed: it also sees the padding (segment
+    ids, so router statistics skip padding) and returns its router statistics per layer."""
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        x_BTD = constrain(x_BTD, ("batch", "length", "activation_embed"))
+        attn = self.make_attention(name="attn")
+        x_BTD = x_BTD + attn(self.make_norm(name="attn_norm")(x_BTD), positions_BT, segment_ids_BT)
+        y_BTD, stats = self.make_mlp(name="mlp")(self.make_norm(name="mlp_norm")(x_BTD), segment_ids_BT)
+        return constrain(x_BTD + y_BTD, ("batch", "length", "activation_embed")), stats
+
+
+def aux_losses(stats_L: dict, num_experts: int) -> dict:
+    """Load-balancing and router z losses from per-layer router statistics (leading L axis).
+
+    load_balancing_loss is HF's `load_balancing_loss_func`: assignment counts and router
+    probabilities are each pooled over every layer's tokens before their product, so it
+    is E * sum_e (counts_e / R) * (probs_e / R) with R = layers * tokens (k when balanced).
+    """
+    rows = jnp.maximum(jnp.sum(stats_L["tokens"]), 1.0)
+    counts_E = jnp.sum(stats_L["expert_counts"], axis=0) / rows
+    probs_E = jnp.sum(stats_L["expert_probs"], axis=0) / rows
+    return {"load_balancing_loss": num_experts * jnp.sum(counts_E * probs_E),
+            "router_z_loss": jnp.sum(stats_L["router_z"]) / rows}
+
+
+class MoEDecoder(Llama):
+    """MixtralForCausalLM / Qwen3MoeForCausalLM: `apply(params, input_ids, attention_mask=None,
+    *, positions, segment_ids)` -> logits; with mutable=["aux_loss"] the auxiliary losses too."""
+
+    cfg: MoEConfig
+    block_cls = MoEDecoderBlock
+
+    def make_mlp(self, **kw) -> Callable[..., nn.Module]:
+        """Routed experts in place of the dense MLP."""
+        cfg = self.cfg
+        return partial(MoEMLP, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                       cfg.norm_topk_prob, cfg.hidden_act, **kw)
+
+    def layer_outputs(self, outputs_L, segment_ids_BT) -> None:
+        """Sows the auxiliary losses (a no-op unless "aux_loss" is mutable)."""
+        del segment_ids_BT  # the statistics already skip padding
+        for name, value in aux_losses(outputs_L, self.cfg.num_experts).items():
+            self.sow(AUX_LOSS_COLLECTION, name, value)
