@@ -143,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr-ratio", type=_non_negative_float, default=0.1, help="final lr / peak lr")
     g.add_argument("--weight-decay", type=_non_negative_float, default=0.1,
                    help="AdamW decoupled weight decay (not on norms and biases)")
-    g.add_argument("--b1", type=_non_negative_float, default=0.9, help="Adam beta1")
-    g.add_argument("--b2", type=_non_negative_float, default=0.95, help="Adam beta2")
-    g.add_argument("--eps", type=_non_negative_float, default=1e-8, help="Adam epsilon")
+    g.add_argument("--b1", type=_non_negative_float, default=0.9, help="Adam beta1 (decay of the gradient mean)")
+    g.add_argument("--b2", type=_non_negative_float, default=0.95, help="Adam beta2 (decay of the squared-gradient mean)")
+    g.add_argument("--eps", type=_non_negative_float, default=1e-8, help="Adam epsilon (added to the root of the squared-gradient mean)")
     g.add_argument("--clip-norm", type=_non_negative_float, default=1.0, help="global gradient norm clip (0: off)")
     g.add_argument("--grad-accum", type=_positive_int, default=1,
                    help="microbatches per step (a lax.scan inside the step); divides --batch-size")

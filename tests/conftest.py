@@ -8,15 +8,27 @@ it after this file is loaded and configured):
     installed for AOT topology compiles, and would otherwise probe for TPU
     hardware at start-up. TPU topology descriptions still work under "cpu";
   * ALLOW_MULTIPLE_LIBTPU_LOAD=1: libtpu otherwise takes a host-wide lock file,
-    so two test processes compiling for TPU topologies at once would fail.
+    so two test processes compiling for TPU topologies at once would fail;
+  * a per-session persistent compilation cache (see below).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 _FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
 if _FAKE_DEVICES.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAKE_DEVICES}".strip()
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# A compilation cache for this session (and the train.py subprocesses it starts, which
+# inherit the variable): tests that compile the same train step several times (resume,
+# kill-and-restart) compile it once. A fresh directory per session: nothing stale.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="zoo-test-jax-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def pytest_configure(config):

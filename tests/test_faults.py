@@ -29,15 +29,10 @@ RUN = ["--model", "tiny-llama", "--data", "synthetic", "--seq-len", "32", "--bat
        "--lr", "1e-2", "--warmup-steps", "2", "--sample-tokens", "0", "--no-progress"]
 
 
-_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"zoo-test-jax-cache-{os.getuid()}")
-
-
 def _env(devices: int = 8) -> dict:
-    """A training subprocess's environment: CPU devices, and a persistent compilation cache
-    shared by this file's subprocesses (the same executables; only compile time is saved)."""
+    """A training subprocess's environment: CPU devices (and conftest's compilation cache)."""
     return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_COMPILATION_CACHE_DIR=_CACHE,
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def _losses(out) -> dict[int, float]:
