@@ -5,7 +5,13 @@ Import only from tests marked `torch`: it imports torch and transformers.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -59,14 +65,24 @@ def save(model, path, **kwargs) -> None:
     model.save_pretrained(path, safe_serialization=True, **kwargs)
 
 
-def random_batch(batch: int, length: int, seed: int = 0, pad: bool = False):
-    """int64 token ids [B, T] and a right-padded attention mask (row b keeps T - 2b tokens)."""
+def random_batch(batch: int, length: int, seed: int = 0, pad: bool = False, side: str = "left"):
+    """int64 token ids [B, T] and an attention mask; with `pad`, row b keeps T - 2b tokens.
+
+    Left padding is the default because it is the one a causal model can get wrong:
+    right padding sits after every real token, so no real token could see it even if
+    the mask were ignored.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, VOCAB, size=(batch, length)).astype(np.int64)
     mask = np.ones((batch, length), np.int64)
     if pad:
         for b in range(1, batch):
-            mask[b, length - 2 * b:] = 0
+            if side == "left":
+                mask[b, :2 * b] = 0
+            else:
+                mask[b, length - 2 * b:] = 0
     return ids, mask
 
 
@@ -76,3 +92,119 @@ def torch_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.n
         out = model(input_ids=torch.from_numpy(ids),
                     attention_mask=None if mask is None else torch.from_numpy(mask))
     return out.logits.float().numpy()
+
+
+# --- damaged checkpoints: the same error checks for every family --------------------------
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A private copy of a checkpoint dir that a test may damage."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(path: Path, **changes) -> None:
+    """Overwrites fields of path/config.json."""
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def edit_tensors(path: Path, edit) -> None:
+    """Rewrites path/model.safetensors after `edit(tensors)` changed the dict in place."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+TENSOR_DAMAGE = ("missing", "unexpected", "shape", "truncated")
+
+
+def damage(path: Path, kind: str, key: str) -> list[str]:
+    """Damages tensor `key` of the checkpoint at `path` in one way (TENSOR_DAMAGE) and
+    returns the strings the loader's error must contain: the file, the key, and what
+    went wrong."""
+    file = path / "model.safetensors"
+    if kind == "missing":
+        edit_tensors(path, lambda t: t.pop(key))
+        return [str(file), repr(key), "missing"]
+    if kind == "unexpected":
+        extra = key.rsplit(".", 1)[0] + "_extra.weight"
+        edit_tensors(path, lambda t: t.update({extra: np.zeros(3, np.float32)}))
+        return [str(file), repr(extra), "unexpected"]
+    if kind == "shape":
+        old = {}
+
+        def halve_first_axis(tensors):
+            old["shape"] = tensors[key].shape
+            tensors[key] = np.zeros((old["shape"][0] // 2, *old["shape"][1:]), np.float32)
+
+        edit_tensors(path, halve_first_axis)
+        new = (old["shape"][0] // 2, *old["shape"][1:])
+        return [str(file), repr(key), f"shape {new}", f"expected {old['shape']}"]
+    if kind == "truncated":
+        # Cut the file in the middle of `key`'s data: every tensor before it is whole,
+        # so `key` is the first one cut off.
+        data = file.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        begin, end = json.loads(data[8:8 + n])[key]["data_offsets"]
+        file.write_bytes(data[:8 + n + (begin + end) // 2])
+        return [str(file), repr(key), "truncated"]
+    raise ValueError(f"unknown damage {kind!r}")
+
+
+def check_damaged_checkpoint(src: Path, tmp_path: Path, kind: str, key: str) -> None:
+    """A copy of checkpoint `src` with tensor `key` damaged (see `damage`) fails to load
+    with a CheckpointError naming the file and the tensor."""
+    import zoo
+    import zoo.hf
+
+    path = copy_checkpoint(src, tmp_path / f"damaged-{kind}")
+    needles = damage(path, kind, key)
+    try:
+        zoo.from_hf(path)
+    except zoo.hf.CheckpointError as e:
+        missing = [n for n in needles if n not in str(e)]
+        assert not missing, f"{kind}: {missing} not in the error {str(e)!r}"
+    else:
+        raise AssertionError(f"{kind}: a damaged checkpoint loaded without an error")
+
+
+def check_to_hf_is_atomic(model, params, tmp_path: Path, monkeypatch) -> None:
+    """zoo.to_hf failing midway (a simulated full disk after four tensors) leaves neither a
+    half-written target nor a temporary dir, and an existing target untouched; a later
+    successful export replaces the existing dir."""
+    import zoo
+    import zoo.hf
+
+    real = zoo.hf._hf_tensor
+    calls = {"n": 0}
+
+    def fail_midway(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the header and four tensors are on disk
+            raise OSError("disk full (simulated)")
+        return real(*args)
+
+    monkeypatch.setattr(zoo.hf, "_hf_tensor", fail_midway)
+    root = tmp_path / "atomic"
+    root.mkdir()
+    with pytest.raises(OSError, match="simulated"):
+        zoo.to_hf(model, params, root / "fresh")
+    assert calls["n"] == 5
+    assert os.listdir(root) == []  # neither the target nor a temp dir
+
+    existing = root / "existing"
+    existing.mkdir()
+    (existing / "config.json").write_text("old")
+    calls["n"] = 0
+    with pytest.raises(OSError, match="simulated"):
+        zoo.to_hf(model, params, existing)
+    assert os.listdir(root) == ["existing"]
+    assert os.listdir(existing) == ["config.json"] and (existing / "config.json").read_text() == "old"
+
+    monkeypatch.setattr(zoo.hf, "_hf_tensor", real)  # a successful export replaces the old dir
+    zoo.to_hf(model, params, existing)
+    assert os.listdir(root) == ["existing"]
+    assert sorted(os.listdir(existing)) == ["config.json", "model.safetensors"]

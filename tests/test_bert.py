@@ -217,6 +217,24 @@ def test_unsupported_checkpoint_features_raise(tmp_path):
             zoo.from_hf(tmp_path)
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("kind", ["missing", "unexpected", "shape", "truncated"])  # hf_utils.TENSOR_DAMAGE
+def test_damaged_checkpoint_errors_name_file_and_tensor(kind, tmp_path):
+    from hf_utils import check_damaged_checkpoint
+
+    _hf_bert("BertForMaskedLM").save_pretrained(tmp_path / "hf")
+    check_damaged_checkpoint(tmp_path / "hf", tmp_path, kind, "bert.encoder.layer.1.attention.self.key.weight")
+
+
+@pytest.mark.torch
+def test_to_hf_is_atomic(tmp_path, monkeypatch):
+    from hf_utils import check_to_hf_is_atomic
+
+    _hf_bert("BertForMaskedLM").save_pretrained(tmp_path / "hf")
+    model, params = zoo.from_hf(tmp_path / "hf")
+    check_to_hf_is_atomic(model, params, tmp_path, monkeypatch)
+
+
 # --- objectives: masked LM and classification through the one train step ----------------
 
 

@@ -75,7 +75,7 @@ def checkpoints(tmp_path_factory):
 def _batch(pad: bool, seed: int = 1):
     from hf_utils import random_batch
 
-    return random_batch(3, 12, seed=seed, pad=pad)
+    return random_batch(3, 12, seed=seed, pad=pad, side="left")  # left: padding precedes real tokens
 
 
 @pytest.mark.torch
@@ -107,6 +107,12 @@ def test_logits_and_load_balancing_loss_match_torch(checkpoints, kind):
         logits_LNE = torch.stack(out.router_logits).double().numpy()[:, keep.reshape(-1)]
         lse = np.log(np.exp(logits_LNE).sum(-1))
         np.testing.assert_allclose(float(sown["aux_loss"]["router_z_loss"][0]), np.mean(lse ** 2), rtol=1e-5)
+    # The padded batch is left-padded, so the parity above can fail: without the mask,
+    # real tokens attend to the padding and their logits move far past the tolerance.
+    unmasked = float(np.abs(np.asarray(model.apply({"params": params}, jnp.asarray(ids, jnp.int32)))
+                            - out.logits.numpy())[keep].max())
+    print(f"{kind}: left-padded logits without the mask differ by {unmasked:.2e}")
+    assert unmasked > 1e-2, f"{kind}: the padding does not affect real tokens ({unmasked})"
 
 
 @pytest.mark.torch

@@ -75,3 +75,48 @@ def test_hf_config_builds_same_param_count(name):
         model = getattr(transformers, hf["architectures"][0])(hf_config)
     hf_count = sum(p.numel() for p in model.parameters())  # tied tensors are counted once
     assert hf_count == zoo.param_count(cfg), name
+
+
+# --- configs reject impossible models before anything compiles ------------------------------
+
+_GPT2 = dict(name="bad", vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+_LLAMA = dict(_GPT2, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("cls, overrides, message", [
+    ("GPT2Config", dict(hidden_size=66), "bad: hidden_size=66 is not divisible by num_heads=4; set head_dim"),
+    ("GPT2Config", dict(num_kv_heads=2), "bad: GPT-2 has no grouped-query attention"),
+    ("GPT2Config", dict(num_heads=0), "bad: num_heads must be positive, got 0"),
+    ("GPT2Config", dict(vocab_size=0), "bad: vocab_size must be positive, got 0"),
+    ("GPT2Config", dict(max_seq_len=-1), "bad: max_seq_len must be positive, got -1"),
+    ("GPT2Config", dict(dtype="float64"), "bad: dtype and param_dtype must be one of"),
+    ("GPT2Config", dict(remat="everything"), "bad: remat='everything' is not one of"),
+    ("LlamaConfig", dict(num_kv_heads=3), "bad: num_heads=4 must be a multiple of num_kv_heads=3"),
+    ("LlamaConfig", dict(num_kv_heads=8), "bad: num_heads=4 must be a multiple of num_kv_heads=8"),
+    ("LlamaConfig", dict(num_kv_heads=-2), "bad: num_kv_heads must be positive (or 0 for the default), got -2"),
+    ("LlamaConfig", dict(head_dim=-16), "bad: head_dim must be positive (or 0 for the default), got -16"),
+    ("LlamaConfig", dict(num_layers=0), "bad: num_layers must be positive, got 0"),
+    ("LlamaConfig", dict(intermediate_size=0), "bad: intermediate_size must be positive, got 0"),
+    ("LlamaConfig", dict(head_dim=15), "bad: RoPE needs an even head_dim, got 15"),
+    ("LlamaConfig", dict(hidden_size=56, num_heads=8), "bad: RoPE needs an even head_dim, got 7"),
+    ("LlamaConfig", dict(sliding_window=0), "bad: sliding_window must be positive, got 0"),
+    ("LlamaConfig", dict(hidden_act="relu"), "bad: hidden_act must be 'silu' or 'gelu_tanh', got 'relu'"),
+    ("LlamaConfig", dict(architecture="PhiForCausalLM"), "bad: architecture 'PhiForCausalLM' is not one of"),
+])
+def test_decoder_config_rejects_impossible_models(cls, overrides, message):
+    """__post_init__ refuses with a message naming the config and the offending field."""
+    import re
+
+    from zoo.configs import GPT2Config, LlamaConfig
+
+    config_cls = {"GPT2Config": GPT2Config, "LlamaConfig": LlamaConfig}[cls]
+    base = _GPT2 if cls == "GPT2Config" else _LLAMA
+    config_cls(**base)  # the base itself is valid
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_cls(**{**base, **overrides})
+
+
+def test_config_replace_is_revalidated():
+    cfg = zoo.config("tiny-llama")
+    with pytest.raises(ValueError, match="must be a multiple of num_kv_heads=3"):
+        cfg.replace(num_kv_heads=3)

@@ -128,6 +128,24 @@ def test_round_trip_bit_exact_and_reloadable(variant, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("kind", ["missing", "unexpected", "shape", "truncated"])  # hf_utils.TENSOR_DAMAGE
+def test_damaged_checkpoint_errors_name_file_and_tensor(kind, tmp_path):
+    from hf_utils import check_damaged_checkpoint
+
+    _hf_t5("v1.1-untied").save_pretrained(tmp_path / "hf")
+    check_damaged_checkpoint(tmp_path / "hf", tmp_path, kind, "decoder.block.2.layer.1.EncDecAttention.k.weight")
+
+
+@pytest.mark.torch
+def test_to_hf_is_atomic(tmp_path, monkeypatch):
+    from hf_utils import check_to_hf_is_atomic
+
+    _hf_t5("v1.1-untied").save_pretrained(tmp_path / "hf")
+    model, params = zoo.from_hf(tmp_path / "hf")
+    check_to_hf_is_atomic(model, params, tmp_path, monkeypatch)
+
+
 @pytest.mark.parametrize("name, count", [("t5-small", 60_506_624), ("t5-base", 222_903_552),
                                          ("t5-large", 737_668_096), ("flan-t5-base", 247_577_856)])
 def test_full_size_parameter_counts(name, count):

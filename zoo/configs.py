@@ -37,6 +37,14 @@ class ModelConfig:
     attention_impl: str | None = None  # kernels.attention implementation; None picks per backend
 
     def __post_init__(self):
+        # Sizes first: the defaults below divide by num_heads.
+        for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{self.name}: {field} must be positive, got {getattr(self, field)}")
+        for field in ("num_kv_heads", "head_dim"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{self.name}: {field} must be positive (or 0 for the default), "
+                                 f"got {getattr(self, field)}")
         if not self.num_kv_heads:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if not self.head_dim:
@@ -46,9 +54,6 @@ class ModelConfig:
                     "set head_dim explicitly"
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"{self.name}: {field} must be positive, got {getattr(self, field)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"{self.name}: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"

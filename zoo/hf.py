@@ -499,7 +499,9 @@ class _SafetensorsFile:
             with safe_open(str(path), framework="numpy") as f:
                 self.keys = list(f.keys())
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+            cut = _first_cut_tensor(path)
+            where = f" (tensor {cut!r} extends past the end of the file)" if cut else ""
+            raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?){where}: {e}") from e
         with open(path, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             self.header = json.loads(fh.read(n))
@@ -515,6 +517,22 @@ class _SafetensorsFile:
         begin, end = info["data_offsets"]
         raw = np.fromfile(self.path, dtype=np.uint8, count=end - begin, offset=self.data_start + begin)
         return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _first_cut_tensor(path: Path) -> str | None:
+    """The first tensor whose data lies past the end of a truncated file; None when the
+    header itself does not parse (safetensors' own message then says what is wrong)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n > size:
+                return None
+            header = json.loads(fh.read(n))
+        ends = sorted((info["data_offsets"][1], key) for key, info in header.items() if key != "__metadata__")
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    return next((key for end, key in ends if 8 + n + end > size), None)
 
 
 def _checkpoint_files(root: Path) -> list[Path]:
@@ -612,6 +630,9 @@ def from_hf(path, dtype=jnp.float32):
             pieces = _to_zoo(rule, file.read(raw_key), [zoo_shapes[p][len(idx):] for p in rule.zoo])
             for p, piece in zip(rule.zoo, pieces):
                 buffers[p][idx] = piece  # casts to `dtype` in place
+            # Release this tensor before the next read, or two (the largest, often the
+            # adjacent embedding and lm_head) sit beside the buffers at once.
+            del pieces, piece
             loaded.add(key)
 
     missing = [k for k in expected if k not in loaded]
