@@ -29,6 +29,7 @@ IMPLEMENTATIONS = ("xla", "pallas", "cudnn", "jax_pallas")
 
 
 def attention_flops(b, t, s, n, h, causal, mode):
+    """FLOPs of one call by the documented convention: 4*B*T*S*N*H forward (x0.5 causal), fwd+bwd 3.5x that."""
     fwd = 4.0 * b * t * s * n * h * (0.5 if causal else 1.0)
     return fwd * (3.5 if mode == "fwd+bwd" else 1.0)
 
@@ -50,6 +51,7 @@ def _jax_shipped_pallas(q, k, v, causal):
 
 
 def make_fn(impl, causal, mode):
+    """The jitted call to time: attention forward, or the gradient w.r.t. q, k, v of its sum (fwd+bwd)."""
     def fwd(q, k, v):
         if impl == "jax_pallas":
             return _jax_shipped_pallas(q, k, v, causal)
@@ -64,9 +66,19 @@ def make_fn(impl, causal, mode):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
+def label(row) -> str:
+    """The implementation's name as shown in tables and plots ("pallas (interpret)" on CPU)."""
+    return row["impl"] + (" (interpret)" if row.get("interpret") else "")
+
+
 def run(seq_lens, head_dims, *, batch, heads, kv_heads, dtype, modes, causals, impls, warmup, repeats):
+    """Times every implementation on every shape; returns (rows, measured matmul peak TFLOP/s).
+
+    An implementation that cannot serve a shape on this backend gets a row with
+    status "n/a" and the reason, never a silent fallback.
+    """
     platform = jax.devices()[0].platform
-    peak = matmul_peak_tflops()
+    peak = matmul_peak_tflops(dtype)
     rows = []
     for h in head_dims:
         for t in seq_lens:
@@ -98,6 +110,7 @@ def run(seq_lens, head_dims, *, batch, heads, kv_heads, dtype, modes, causals, i
 
 
 def plot(rows, path):
+    """TFLOP/s against sequence length, one panel per (mode, causal, head_dim), one line per implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,8 +126,8 @@ def plot(rows, path):
             pts = sorted((r["seq_len"], r["tflops"]) for r in ok
                          if (r["impl"], r["mode"], r["causal"], r["head_dim"]) == (impl, mode, causal, h))
             if pts:
-                label = impl + (" (interpret)" if impl == "pallas" and ok[0].get("interpret") else "")
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                first = next(r for r in ok if r["impl"] == impl)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label(first))
         ax.set_xscale("log", base=2)
         ax.set_title(f"{mode}, causal={causal}, H={h}", fontsize=9)
         ax.set_xlabel("sequence length")
@@ -127,22 +140,32 @@ def plot(rows, path):
 
 
 def main(argv=None):
+    """CLI: runs the sweep, prints the table, writes <name>.json, .png and .md."""
     platform = jax.devices()[0].platform
     small = platform == "cpu"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[128, 256, 512] if small else [1024, 2048, 4096,
                                                                                               8192, 16384],
                    help="sequence lengths (q_len = kv_len)")
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64] if small else [64, 128])
-    p.add_argument("--batch", type=int, default=1 if small else 4)
-    p.add_argument("--heads", type=int, default=4 if small else 16)
-    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA)")
-    p.add_argument("--dtype", default="float32" if small else "bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    p.add_argument("--causal", choices=["both", "true", "false"], default="both")
-    p.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
-    p.add_argument("--warmup", type=int, default=1 if small else 3)
-    p.add_argument("--repeats", type=int, default=3 if small else 20)
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64] if small else [64, 128],
+                   help="head dimensions H (default: 64 on CPU, 64 128 elsewhere)")
+    p.add_argument("--batch", type=int, default=1 if small else 4, help="batch B (default: 1 on CPU, 4 elsewhere)")
+    p.add_argument("--heads", type=int, default=4 if small else 16,
+                   help="query heads N (default: 4 on CPU, 16 elsewhere)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads K (default: --heads, i.e. MHA)")
+    p.add_argument("--dtype", default="float32" if small else "bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="q/k/v dtype; the matmul peak is measured in it too (default: float32 on CPU, else bfloat16)")
+    p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"],
+                   help="forward only, and/or forward + gradients w.r.t. q, k, v (default: both)")
+    p.add_argument("--causal", choices=["both", "true", "false"], default="both",
+                   help="causal masking: both, true or false (default: both)")
+    p.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
+                   help="xla: reference; pallas: ours (interpret mode on CPU); cudnn: jax.nn.dot_product_attention "
+                        "on GPU; jax_pallas: JAX's shipped TPU/GPU Pallas ops (default: all; n/a rows say why)")
+    p.add_argument("--warmup", type=int, default=1 if small else 3,
+                   help="untimed calls before timing (default: 1 on CPU, 3 elsewhere)")
+    p.add_argument("--repeats", type=int, default=3 if small else 20,
+                   help="timed calls; the median is reported (default: 3 on CPU, 20 elsewhere)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="directory for attention_<platform>.json/.png")
     p.add_argument("--name", default=None, help="result file stem (default attention_<platform>)")
     args = p.parse_args(argv)
@@ -155,9 +178,16 @@ def main(argv=None):
                    flops_convention="fwd 4*B*T*S*N*H (x0.5 causal); fwd+bwd = 3.5x fwd")
     path = write_json(name, payload, args.out)
     png = plot(rows, path.with_suffix(".png"))
-    ok = [r for r in rows if r["status"] == "ok"]
-    print(markdown_table(ok, ["impl", "seq_len", "head_dim", "causal", "mode", "time_ms", "tflops", "pct_peak"]))
-    print(f"measured matmul peak {peak:.3f} TFLOP/s; wrote {path}" + (f" and {png}" if png else ""))
+    ok = [dict(r, impl=label(r)) for r in rows if r["status"] == "ok"]
+    table = markdown_table(ok, ["impl", "seq_len", "head_dim", "causal", "mode", "time_ms", "tflops", "pct_peak"])
+    dev = payload["device"]
+    na = sorted({f"{r['impl']}: {r['reason']}" for r in rows if r["status"] != "ok"})
+    md = path.with_suffix(".md")
+    md.write_text(f"{dev['device_kind']}, jax {dev['jax_version']}, {dev['date']}; B={args.batch}, "
+                  f"N={args.heads}, K={args.kv_heads or args.heads}, {args.dtype}; measured matmul peak "
+                  f"{peak:.3g} TFLOP/s\n\n{table}\n" + "".join(f"\n- n/a {line}" for line in na) + ("\n" if na else ""))
+    print(table)
+    print(f"measured matmul peak {peak:.3f} TFLOP/s; wrote {path}, {md}" + (f" and {png}" if png else ""))
     return payload
 
 

@@ -40,6 +40,8 @@ def device_info() -> dict:
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
         "date": datetime.date.today().isoformat(),
+        # CPU figures on a shared host depend on what else runs: the 1-minute load average says how busy it was
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -67,7 +69,9 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     """A GitHub markdown table of `rows` restricted to `columns`."""
     def fmt(v):
         if isinstance(v, float):
-            return f"{v:.3g}"
+            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
         return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

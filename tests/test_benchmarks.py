@@ -1,0 +1,147 @@
+"""Every benchmark in a small mode: it runs and writes well-formed JSON whose figures
+agree with facts computed independently here (FLOP conventions, parameter counts,
+train-state bytes, memory components, the fits verdict). No timing thresholds.
+
+The planner test compiles a real-size preset (llama3.2-1b) for a TPU topology."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import train
+import zoo
+from benchmarks import attention, plan, throughput
+
+GIB = 1024**3
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_attention_small_mode(tmp_path):
+    payload = attention.main(["--seq-lens", "64", "--head-dims", "32", "--heads", "2", "--modes", "fwd", "fwd+bwd",
+                              "--causal", "true", "--impls", "xla", "pallas", "jax_pallas", "--warmup", "0",
+                              "--repeats", "1", "--out", str(tmp_path), "--name", "attn"])
+    data = _load(tmp_path / "attn.json")
+    assert data["rows"] == json.loads(json.dumps(payload["rows"]))
+    assert (tmp_path / "attn.png").stat().st_size > 0 and (tmp_path / "attn.md").stat().st_size > 0
+    assert data["matmul_peak_tflops"] > 0
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert {(r["impl"], r["mode"]) for r in ok} == {(i, m) for i in ("xla", "pallas") for m in ("fwd", "fwd+bwd")}
+    for r in ok:
+        # the documented convention: 4*B*T*S*N*H, halved when causal, x3.5 for fwd+bwd
+        flops = 4 * 1 * 64 * 64 * 2 * 32 * 0.5 * (3.5 if r["mode"] == "fwd+bwd" else 1.0)
+        assert attention.attention_flops(1, 64, 64, 2, 32, True, r["mode"]) == flops
+        assert r["time_ms"] > 0
+        assert r["tflops"] == pytest.approx(flops / (r["time_ms"] / 1e3) / 1e12, rel=1e-6)
+        assert r["pct_peak"] == pytest.approx(100 * r["tflops"] / data["matmul_peak_tflops"], rel=1e-6)
+        assert r["interpret"] == (r["impl"] == "pallas")  # CPU: our kernel runs interpreted, and says so
+    # JAX ships no CPU Pallas attention: recorded as n/a with the reason, not faked
+    assert all(r["status"] == "n/a" and r["reason"] for r in data["rows"] if r["impl"] == "jax_pallas")
+    assert "pallas (interpret)" in (tmp_path / "attn.md").read_text()
+
+
+def test_throughput_small_mode(tmp_path):
+    payload = throughput.main(["--models", "tiny-llama", "--devices", "2", "--batch-size", "4", "--seq-len", "32",
+                               "--steps", "2", "--warmup", "1", "--out", str(tmp_path), "--name", "tp"])
+    data = _load(tmp_path / "tp.json")
+    assert data["rows"] == json.loads(json.dumps(payload["rows"]))
+    assert (tmp_path / "tp.png").stat().st_size > 0
+    md = (tmp_path / "tp.md").read_text()
+    peak = data["peak_flops_per_device"]
+    assert peak > 0
+    for r in data["rows"]:
+        cfg = zoo.config(r["model"])
+        assert r["status"] == "ok" and r["model"] in md
+        assert r["params"] == zoo.param_count(cfg)
+        assert r["devices"] == 2
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["compile_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(4 * 32 / (r["step_ms"] / 1e3), rel=1e-6)
+        assert r["flops_per_token"] == cfg.flops_per_token(32)
+        assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / (r["devices"] * peak), rel=1e-6)
+        assert 0 < r["mfu"] and math.isfinite(r["final_loss"])
+        # CPU: memory is the compiled step's per-device figure, at least the fp32 params + Adam moments shard
+        assert r["memory_source"] == "compiled memory_analysis"
+        assert r["peak_memory_bytes"] == r["compiled_bytes"] >= 3 * 4 * r["params"] / r["devices"]
+
+
+def _check_plan(r, cfg, *, devices, capacity_gib, batch, seq, batch_shards, tight=True):
+    assert r["capacity_bytes"] == capacity_gib * GIB
+    assert r["devices"] == devices
+    assert r["params"] == zoo.param_count(cfg)
+    assert r["flops_per_step"] == cfg.flops_per_token(seq) * batch * seq
+    assert r["flops_per_device"] == pytest.approx(r["flops_per_step"] / devices)
+    assert r["fits"] == (r["hbm_bytes"] <= r["capacity_bytes"])
+    assert r["hbm_bytes"] == r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"]
+    # fp32 params + two Adam moments: at least an even share of 12 bytes per parameter
+    state = r["state_bytes_per_device"]
+    assert state >= 12 * r["params"] / devices
+    # the arguments are that state plus this device's rows of the batch (3 int32 fields at most),
+    # give or take the TPU's tile padding of small arrays (which dominates for tiny models: not tight)
+    assert state <= r["argument_bytes"]
+    if tight:
+        assert r["argument_bytes"] <= 1.001 * state + 3 * 4 * (batch // batch_shards) * seq + 2**16
+    assert r["alias_bytes"] >= 0.99 * state  # the state is donated: updated in place
+
+
+@pytest.mark.tpu_aot
+def test_plan_real_size_preset_on_tpu_topology(tmp_path):
+    # One row of the --table path: llama3.2-1b (real size) on a v5e 2x2 slice.
+    rows = (("llama3.2-1b", "v5e-4", "fsdp=-1", 8, 128, "full"),)
+    payload = plan.run_table(rows, out_dir=tmp_path)
+    data = _load(tmp_path / "plan_tpu.json")
+    assert "llama3.2-1b" in (tmp_path / "plan_tpu.md").read_text()
+    (r,) = data["rows"]
+    assert r == json.loads(json.dumps(payload["rows"][0]))
+    assert r["status"] == "compiled" and r["topology"] == "v5e:2x2" and r["device_kind"] == "TPU v5 lite"
+    _check_plan(r, zoo.config("llama3.2-1b", remat="full"), devices=4, capacity_gib=16, batch=8, seq=128,
+                batch_shards=4)
+    # every large matrix splits over fsdp=4: the state is within 1% of an even quarter
+    assert r["state_bytes_per_device"] == pytest.approx(12 * r["params"] / 4, rel=0.01)
+    assert r["fits"] is True
+    # XLA counts each scanned layer once, so its figure is well below the analytic one
+    assert 0 < r["xla_flops_per_device"] < r["flops_per_device"]
+
+
+@pytest.mark.tpu_aot
+def test_plan_compiler_oom_is_a_no():
+    # Without remat, 2 x 4096 tokens per chip of llama3.2-1b need ~27 GiB of activations: v5e has 16.
+    cfg = zoo.config("llama3.2-1b", remat="none")
+    r = plan.plan(cfg, "v5e:2x2", batch_size=8, seq_len=4096)
+    assert r["status"] == "compiler OOM" and r["fits"] is False
+    assert r["hbm_bytes"] > r["compiler_available_bytes"] and r["hbm_bytes"] > r["capacity_bytes"]
+    assert 15 * GIB <= r["compiler_available_bytes"] <= 16 * GIB  # v5e: 16 GiB less the runtime's share
+    # the needed figure covers the train state too (~3.45 GiB/device) and 2 rows x 4096 of activations
+    assert r["hbm_bytes"] > r["state_bytes_per_device"] == pytest.approx(12 * r["params"] / 4)
+    assert "DOES NOT FIT" in plan.format_plan(r)
+
+
+def test_topology_names():
+    assert plan.canonical_topology("v5p-8") == "v5p:2x2x1"
+    assert plan.canonical_topology("v5p-128") == "v5p:4x4x4"
+    assert plan.canonical_topology("v5litepod-16") == "v5e:4x4"
+    assert plan.canonical_topology("v6e:2x2") == "v6e:2x2"
+    assert plan.slice_name("v5p:4x4x8") == "v5p-256" and plan.slice_name("v5e:16x16") == "v5e-256"
+    for bad in ("v5p-7", "v7x:2x2", "tpu"):
+        with pytest.raises(plan.PlanError):
+            plan.canonical_topology(bad)
+
+
+@pytest.mark.tpu_aot
+def test_train_compile_only_through_train_main(capsys):
+    out = train.main(["--compile-only", "--topology", "v5p-8", "--model", "tiny-llama", "--batch-size", "8",
+                      "--seq-len", "64", "--mesh", "data=2,fsdp=2"])
+    assert isinstance(out, dict) and out["status"] == "compiled"
+    assert out["topology"] == "v5p:2x2x1" and out["mesh"] == "data=2,fsdp=2" and out["fits"] is True
+    _check_plan(out, zoo.config("tiny-llama"), devices=4, capacity_gib=95, batch=8, seq=64, batch_shards=4,
+                tight=False)
+    assert "FITS" in capsys.readouterr().out
+    # --topology alone implies --compile-only; flags that cannot work fail with status 2 before compiling
+    assert train.main(["--topology", "v5p-8", "--model", "tiny-llama", "--batch-size", "6"]) == 2
+    assert train.main(["--topology", "v5p-7", "--model", "tiny-llama"]) == 2
+    assert "v5p-7" in capsys.readouterr().err
