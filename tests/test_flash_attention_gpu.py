@@ -20,7 +20,11 @@ from kernels.reference import reference_attention
 # exercises the online softmax, block skipping and sequence padding.
 SMALL = BlockSizes(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16,
                    block_q_dkv=16, block_k_dkv=16)
-TOL = {jnp.float32: dict(fwd=1e-5, grad=1e-4), jnp.bfloat16: dict(fwd=2e-2, grad=2e-2)}
+# Bounds on |got - ref| against the float32 reference: atol, plus rtol * |ref|
+# for bf16 gradients only, which are stored in bf16 (spacing 2**-4 at |x| ~ 9,
+# so rounding alone can exceed 2e-2 absolute). Everything else is absolute.
+TOL = {jnp.float32: dict(fwd=1e-5, grad=1e-4, grad_rtol=0.0),
+       jnp.bfloat16: dict(fwd=2e-2, grad=2e-2, grad_rtol=2e-2)}
 TRITON_CALL = "stablehlo.custom_call @__gpu$xla.gpu.triton"
 
 
@@ -57,10 +61,10 @@ def _check(q, k, v, do, *, block_sizes=SMALL, **kw):
   ref_out, ref_grads = _vjp(lambda q, k, v: reference_attention(q, k, v, **kw),
                             f32(q), f32(k), f32(v), do)
   assert out.shape == q.shape and out.dtype == q.dtype
-  np.testing.assert_allclose(f32(out), ref_out, atol=tol["fwd"], rtol=tol["fwd"])
+  np.testing.assert_allclose(f32(out), ref_out, atol=tol["fwd"], rtol=0)
   for name, g, ref_g, x in zip("qkv", grads, ref_grads, (q, k, v)):
     assert g.dtype == x.dtype, name
-    np.testing.assert_allclose(f32(g), ref_g, atol=tol["grad"], rtol=tol["grad"],
+    np.testing.assert_allclose(f32(g), ref_g, atol=tol["grad"], rtol=tol["grad_rtol"],
                                err_msg=f"d{name}")
   return out, grads
 
@@ -210,6 +214,8 @@ def test_lowers_for_cuda(head_dim):
 
   text = _lower_for_cuda(fwd, q, kv, kv, ids)
   assert text.count(TRITON_CALL) == 1
+  # Interpret mode lowers the grid to a while loop; only CPU lowerings may have it.
+  assert "stablehlo.while" not in text
   assert re.findall(r'name = "(flash_attention_gpu_\w+)"', text) == [
       "flash_attention_gpu_fwd"]
   # GQA reads the 2 kv heads in place (kv padded to 512): never repeated to 8.
@@ -217,6 +223,7 @@ def test_lowers_for_cuda(head_dim):
 
   text = _lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, ids)
   assert text.count(TRITON_CALL) == 3
+  assert "stablehlo.while" not in text
   assert sorted(re.findall(r'name = "(flash_attention_gpu_\w+)"', text)) == [
       "flash_attention_gpu_dkv", "flash_attention_gpu_dq",
       "flash_attention_gpu_fwd"]
