@@ -23,12 +23,12 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
-from functools import partial
 from typing import NamedTuple
+
+from zoo.argtypes import non_negative_float, non_negative_int, positive_int
 
 DEFAULT_OUT = os.path.join("runs", "default")
 DEFAULT_PROMPT = "def "
@@ -69,36 +69,6 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{action.help} (default: {action.default})"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, with its default in --help."""
     from zoo.configs import DTYPES, REMAT_POLICIES
@@ -121,52 +91,52 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", nargs="+", default=["stdlib"],
                    help="text / JSONL ('text' field) / ArrayRecord files or directories; 'stdlib' is the Python "
                         "standard library's sources; 'synthetic' is random tokens")
-    g.add_argument("--data-max-bytes", type=_non_negative_int, default=None,
+    g.add_argument("--data-max-bytes", type=non_negative_int, default=None,
                    help="index at most this many bytes of the corpus (0: all; default: 0, or 3 MB for stdlib)")
-    g.add_argument("--split-bytes", type=_non_negative_int, default=2048,
+    g.add_argument("--split-bytes", type=non_negative_int, default=2048,
                    help="cut text files longer than this at line ends into documents of at most this size "
                         "(0: whole files; JSONL/ArrayRecord records are never cut)")
-    g.add_argument("--shuffle-window", type=_non_negative_int, default=128,
+    g.add_argument("--shuffle-window", type=non_negative_int, default=128,
                    help="packed rows shuffled within a window of this many rows (0 or 1: off)")
     g.add_argument("--tokenizer", default=None,
                    help="sentencepiece .model or HF tokenizer.json; default: <out>/tokenizer.model, trained on the "
                         "corpus (BPE, the model's vocab size) if missing")
-    g.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per packed row")
-    g.add_argument("--batch-size", type=_positive_int, default=8, help="global batch size in rows")
+    g.add_argument("--seq-len", type=positive_int, default=256, help="tokens per packed row")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="global batch size in rows")
     g.add_argument("--objective", default="clm", choices=sorted(OBJECTIVES), help="training objective")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=_positive_int, default=200, help="total optimizer steps")
-    g.add_argument("--lr", type=_non_negative_float, default=5e-3, help="peak learning rate")
-    g.add_argument("--warmup-steps", type=_non_negative_int, default=10, help="linear warmup steps")
-    g.add_argument("--decay-steps", type=_positive_int, default=None,
+    g.add_argument("--steps", type=positive_int, default=200, help="total optimizer steps")
+    g.add_argument("--lr", type=non_negative_float, default=5e-3, help="peak learning rate")
+    g.add_argument("--warmup-steps", type=non_negative_int, default=10, help="linear warmup steps")
+    g.add_argument("--decay-steps", type=positive_int, default=None,
                    help="length of warmup + cosine decay (default: --steps)")
-    g.add_argument("--min-lr-ratio", type=_non_negative_float, default=0.1, help="final lr / peak lr")
-    g.add_argument("--weight-decay", type=_non_negative_float, default=0.1,
+    g.add_argument("--min-lr-ratio", type=non_negative_float, default=0.1, help="final lr / peak lr")
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.1,
                    help="AdamW decoupled weight decay (not on norms and biases)")
-    g.add_argument("--b1", type=_non_negative_float, default=0.9, help="Adam beta1 (decay of the gradient mean)")
-    g.add_argument("--b2", type=_non_negative_float, default=0.95, help="Adam beta2 (decay of the squared-gradient mean)")
-    g.add_argument("--eps", type=_non_negative_float, default=1e-8, help="Adam epsilon (added to the root of the squared-gradient mean)")
-    g.add_argument("--clip-norm", type=_non_negative_float, default=1.0, help="global gradient norm clip (0: off)")
-    g.add_argument("--grad-accum", type=_positive_int, default=1,
+    g.add_argument("--b1", type=non_negative_float, default=0.9, help="Adam beta1 (decay of the gradient mean)")
+    g.add_argument("--b2", type=non_negative_float, default=0.95, help="Adam beta2 (decay of the squared-gradient mean)")
+    g.add_argument("--eps", type=non_negative_float, default=1e-8, help="Adam epsilon (added to the root of the squared-gradient mean)")
+    g.add_argument("--clip-norm", type=non_negative_float, default=1.0, help="global gradient norm clip (0: off)")
+    g.add_argument("--grad-accum", type=positive_int, default=1,
                    help="microbatches per step (a lax.scan inside the step); divides --batch-size")
-    g.add_argument("--z-loss", type=_non_negative_float, default=0.0, help="weight of the logsumexp^2 auxiliary loss")
+    g.add_argument("--z-loss", type=non_negative_float, default=0.0, help="weight of the logsumexp^2 auxiliary loss")
     g = p.add_argument_group("run")
     g.add_argument("--mesh", default="fsdp=-1",
                    help="mesh axis sizes, e.g. data=2,fsdp=-1,tensor=1 (-1 fills the rest; axes: data, fsdp, "
                         "sequence, tensor, expert)")
     g.add_argument("--seed", type=int, default=0, help="seed of init, data order and sampling")
     g.add_argument("--out", default=DEFAULT_OUT, help="run directory; a run resumes when it holds checkpoints")
-    g.add_argument("--checkpoint-every", type=_positive_int, default=100, help="save every N steps (and at the end)")
-    g.add_argument("--keep-checkpoints", type=_positive_int, default=3, help="checkpoints kept (the newest)")
-    g.add_argument("--log-every", type=_positive_int, default=1, help="write metrics every N steps")
-    g.add_argument("--peak-flops", type=_non_negative_float, default=None,
+    g.add_argument("--checkpoint-every", type=positive_int, default=100, help="save every N steps (and at the end)")
+    g.add_argument("--keep-checkpoints", type=positive_int, default=3, help="checkpoints kept (the newest)")
+    g.add_argument("--log-every", type=positive_int, default=1, help="write metrics every N steps")
+    g.add_argument("--peak-flops", type=non_negative_float, default=None,
                    help="peak FLOP/s per device for MFU (default: the table in train.py, or measured on CPU)")
-    g.add_argument("--sample-tokens", type=_non_negative_int, default=200,
+    g.add_argument("--sample-tokens", type=non_negative_int, default=200,
                    help="tokens to sample from the trained model at the end (0: none)")
     g.add_argument("--sample-prompt", default=DEFAULT_PROMPT, help="prompt of the final sample")
-    g.add_argument("--temperature", type=_non_negative_float, default=0.7, help="sampling temperature (0: greedy)")
+    g.add_argument("--temperature", type=non_negative_float, default=0.7, help="sampling temperature (0: greedy)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    g.add_argument("--max-nonfinite", type=_positive_int, default=10,
+    g.add_argument("--max-nonfinite", type=positive_int, default=10,
                    help="a step whose loss or gradient norm is not finite leaves the params unchanged (counted in "
                         "metrics as 'nonfinite'); after this many in a row the run saves the last good state and "
                         "stops with exit status 3")
@@ -174,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coordinator", default=None,
                    help="HOST:PORT of process 0's coordinator; with --num-processes and --process-id, for clusters "
                         "JAX cannot detect (every process runs the same command with its own --process-id)")
-    g.add_argument("--num-processes", type=_positive_int, default=None, help="processes in the job (with --coordinator)")
-    g.add_argument("--process-id", type=_non_negative_int, default=None,
+    g.add_argument("--num-processes", type=positive_int, default=None, help="processes in the job (with --coordinator)")
+    g.add_argument("--process-id", type=non_negative_int, default=None,
                    help="this process's index, 0..num-processes-1 (with --coordinator)")
     # Fine-tuning (zoo/finetune.py) and the AOT planner (benchmarks/plan.py) own their flags.
     from benchmarks import plan

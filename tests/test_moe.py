@@ -21,6 +21,8 @@ import zoo.hf
 from zoo import moe
 from zoo.sharding import make_mesh
 
+from step_utils import assert_same_step, shard_shapes, single_and_sharded_step
+
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 fake CPU devices (tests/conftest.py)")
 
 PARITY_ATOL = 1e-4  # float32 import vs PyTorch
@@ -258,43 +260,23 @@ def _batch_for(cfg, b=8, t=32, seed=0):
 @needs_8
 def test_sharded_step_matches_single_device_with_expert_parallelism():
     cfg = zoo.config("tiny-mixtral", dtype="float32", param_dtype="float32")
-    # eps well above float32 rounding: Adam's first step is ~sign(g) (as in test_train.py)
-    opt = train.OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=10, eps=1e-3)
-    batch = _batch_for(cfg)
-    results = []
-    for spec, devices in (("data=1", jax.devices()[:1]), ("fsdp=2,expert=2,tensor=2", jax.devices()[:8])):
-        mesh = make_mesh(spec, devices=devices)
-        tr = train.make_trainer(cfg, mesh, opt, batch_size=8, seq_len=32, grad_accum=2)
-        if not results:
-            state = train.init_state(tr, mesh, seed=0)
-            host_state = jax.device_get(state)
-        else:
-            state = jax.device_put(host_state, tr.state_shardings)
-            # experts really are split: [L, E, D, F] with E over expert, D over fsdp, F over tensor
-            gate = state["params"]["layers"]["mlp"]["gate_proj"]
-            assert gate.shape == (2, 4, 64, 128) and len(gate.addressable_shards) == 8
-            assert {s.data.shape for s in gate.addressable_shards} == {(2, 2, 32, 64)}
-            experts_held = {s.device.id: s.index[1] for s in gate.addressable_shards}
-            assert len({(sl.start, sl.stop) for sl in experts_held.values()}) == 2  # two expert groups
-            down = state["params"]["layers"]["mlp"]["down_proj"]  # [L, E, F, D]
-            assert {s.data.shape for s in down.addressable_shards} == {(2, 2, 64, 32)}
-            mu = state["opt_state"][1][0].mu["layers"]["mlp"]["up_proj"]  # optimizer state too
-            assert {s.data.shape for s in mu.addressable_shards} == {(2, 2, 32, 64)}
-        gbatch = {k: jax.device_put(v, tr.batch_sharding) for k, v in batch.items()}
-        with train.mesh_context(mesh):
-            state, metrics = tr.step(state, gbatch)
-        results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
-    (p1, m1), (p8, m8) = results
-    for key in ("loss", "nll", "grad_norm", "load_balancing_loss", "router_z_loss"):
-        np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, err_msg=key)
+    single, sharded, start = single_and_sharded_step(cfg, _batch_for(cfg), "fsdp=2,expert=2,tensor=2", grad_accum=2)
+    # experts really are split: [L, E, D, F] with E over expert, D over fsdp, F over tensor
+    gate = start["params"]["layers"]["mlp"]["gate_proj"]
+    assert gate.shape == (2, 4, 64, 128) and len(gate.addressable_shards) == 8
+    assert shard_shapes(gate) == {(2, 2, 32, 64)}
+    experts_held = {s.device.id: s.index[1] for s in gate.addressable_shards}
+    assert len({(sl.start, sl.stop) for sl in experts_held.values()}) == 2  # two expert groups
+    assert shard_shapes(start["params"]["layers"]["mlp"]["down_proj"]) == {(2, 2, 64, 32)}  # [L, E, F, D]
+    mu = start["opt_state"][1][0].mu["layers"]["mlp"]["up_proj"]  # optimizer state too
+    assert shard_shapes(mu) == {(2, 2, 32, 64)}
+    assert_same_step(single, sharded, keys=("loss", "nll", "grad_norm", "load_balancing_loss", "router_z_loss"))
     # the loss the step minimises includes the weighted auxiliary losses
+    m1 = single[1]
     expected = m1["nll"] + cfg.router_aux_loss_coef * m1["load_balancing_loss"] + (
         cfg.router_z_loss_coef * m1["router_z_loss"])
     np.testing.assert_allclose(m1["loss"], expected, rtol=1e-6)
     assert 1.0 < m1["load_balancing_loss"] < 4.0  # ~k=2 when balanced, E*k=8 at worst
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p8)):
-        rel = np.linalg.norm(a - b) / np.linalg.norm(a)
-        assert rel <= 1e-5, (jax.tree_util.keystr(path), rel)
 
 
 def test_load_balancing_loss_trains_the_router_only():

@@ -19,22 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+from zoo.argtypes import positive_int
+
 PROG = "python -m zoo"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the examples' line breaks and appends defaults to each flag's help."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _model_flags(p, *, dtype_default="float32") -> None:
@@ -62,12 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(g)
     g.add_argument("--prompt", action="append", required=True,
                    help="a prompt (repeat the flag for a batch of prompts of different lengths)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens generated per sequence")
+    g.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens generated per sequence")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    g.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens")
+    g.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with this mass")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same output)")
-    g.add_argument("--num-return-sequences", type=_positive_int, default=1, help="samples per prompt")
+    g.add_argument("--num-return-sequences", type=positive_int, default=1, help="samples per prompt")
     g.add_argument("--jsonl", action="store_true",
                    help="print one JSON object per output (prompt, sample, completion, text, token_ids)")
 
@@ -99,10 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", nargs="+", required=True, help="data files or directories")
     e.add_argument("--task", choices=("auto", "perplexity", "seq2seq", "classify"), default="auto",
                    help="what to measure (auto: from the model's family)")
-    e.add_argument("--seq-len", type=_positive_int, default=None,
+    e.add_argument("--seq-len", type=positive_int, default=None,
                    help="window / truncation length in tokens (default: the model's, at most 1024)")
-    e.add_argument("--batch-size", type=_positive_int, default=8, help="rows per forward pass")
-    e.add_argument("--max-new-tokens", type=_positive_int, default=64, help="seq2seq: output tokens per example")
+    e.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass")
+    e.add_argument("--max-new-tokens", type=positive_int, default=64, help="seq2seq: output tokens per example")
     e.add_argument("--predictions", default=None, metavar="FILE", help="also write per-example predictions (JSONL)")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     e.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")

@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from zoo.argtypes import positive_int
+
 TASKS = ("pretrain", "classify", "seq2seq")
 FIELDS = {"classify": ("text", "label"), "seq2seq": ("input", "target")}
 OBJECTIVE = {"classify": "cls", "seq2seq": "seq2seq"}
@@ -44,24 +46,12 @@ def add_arguments(parser) -> None:
                         "(default: --model from scratch, which then needs --tokenizer)")
     g.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
                    help="JSONL scored after every epoch (same fields as --data)")
-    g.add_argument("--epochs", type=_positive_int, default=3, help="passes over --data when fine-tuning")
-    g.add_argument("--num-labels", type=_positive_int, default=None,
+    g.add_argument("--epochs", type=positive_int, default=3, help="passes over --data when fine-tuning")
+    g.add_argument("--num-labels", type=positive_int, default=None,
                    help="classify: number of classes (default: the checkpoint's classifier, or the largest "
                         "label + 1 for a fresh head; a different number gets a fresh head)")
-    g.add_argument("--eval-max-new-tokens", type=_positive_int, default=None,
+    g.add_argument("--eval-max-new-tokens", type=positive_int, default=None,
                    help="seq2seq: output tokens generated per eval example (default: the longest eval target)")
-
-
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def run(args):

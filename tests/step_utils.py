@@ -1,0 +1,54 @@
+"""The shared body of the "sharded step equals the single-device step" tests."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+import train
+from zoo import objectives
+from zoo.sharding import make_mesh
+
+# eps well above float32 rounding of the gradients: Adam's first step is ~sign(g), which
+# would otherwise turn reduction-order noise on near-zero gradients into O(lr) changes.
+OPT = train.OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=10, eps=1e-3)
+
+
+def single_and_sharded_step(cfg, batch, spec: str, *, objective: str = "clm", grad_accum: int = 1, opt=OPT):
+    """One train step from the same initial state on 1 device and on mesh `spec` over 8.
+
+    Returns (params_1, metrics_1), (params_8, metrics_8) on the host, and the sharded
+    state the 8-device step started from (for asserting how it is split).
+    """
+    b, t = batch["input_ids"].shape
+    results, sharded_start = [], None
+    for mesh_spec, devices in (("data=1", jax.devices()[:1]), (spec, jax.devices()[:8])):
+        mesh = make_mesh(mesh_spec, devices=devices)
+        tr = train.make_trainer(cfg, mesh, opt, objective=objective, batch_size=b, seq_len=t, grad_accum=grad_accum)
+        if not results:
+            state = train.init_state(tr, mesh, seed=0)
+            host_state = jax.device_get(state)
+        else:
+            state = jax.device_put(host_state, tr.state_shardings)
+            sharded_start = jax.device_put(host_state, tr.state_shardings)  # `state` is donated
+        gbatch = {k: jax.device_put(batch[k], tr.batch_sharding) for k in objectives.get(objective).fields}
+        with train.mesh_context(mesh):
+            state, metrics = tr.step(state, gbatch)
+        results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
+    return results[0], results[1], sharded_start
+
+
+def shard_shapes(x) -> set[tuple[int, ...]]:
+    """The shapes of an array's per-device pieces."""
+    return {s.data.shape for s in x.addressable_shards}
+
+
+def assert_same_step(single, sharded, *, keys=("loss", "grad_norm"), rtol=1e-5):
+    """Metrics agree to `rtol`, and every updated parameter to `rtol` in relative norm."""
+    (p1, m1), (p8, m8) = single, sharded
+    for key in keys:
+        np.testing.assert_allclose(m8[key], m1[key], rtol=rtol, err_msg=key)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p8)):
+        # the floor: some leaves get an exactly-zero gradient (e.g. key biases) and stay ~0
+        rel = np.linalg.norm(a - b) / max(float(np.linalg.norm(a)), 1e-6)
+        assert rel <= rtol, (jax.tree_util.keystr(path), rel)
