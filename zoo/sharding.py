@@ -13,7 +13,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor", "expert")
 
