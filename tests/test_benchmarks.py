@@ -145,3 +145,41 @@ def test_train_compile_only_through_train_main(capsys):
     assert train.main(["--topology", "v5p-8", "--model", "tiny-llama", "--batch-size", "6"]) == 2
     assert train.main(["--topology", "v5p-7", "--model", "tiny-llama"]) == 2
     assert "v5p-7" in capsys.readouterr().err
+
+
+@pytest.mark.torch
+def test_generate_benchmark_small_mode(tmp_path):
+    from benchmarks import generate
+
+    payload = generate.main(["--batch-sizes", "1", "2", "--prompt-len", "8", "--new-tokens", "4", "--hidden", "64",
+                             "--layers", "1", "--repeats", "1", "--out", str(tmp_path), "--name", "gen"])
+    data = _load(tmp_path / "gen.json")
+    assert data["rows"] == json.loads(json.dumps(payload["rows"]))
+    assert {(r["impl"], r["batch"]) for r in data["rows"]} == {(i, b) for i in ("zoo", "transformers") for b in (1, 2)}
+    for r in data["rows"]:
+        assert r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["new_tokens"] == 4
+    for b in (1, 2):
+        ours, theirs = (next(r for r in data["rows"] if r["impl"] == i and r["batch"] == b)
+                        for i in ("zoo", "transformers"))
+        assert ours["speedup_vs_transformers"] == pytest.approx(
+            ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"], rel=1e-9)
+
+
+@pytest.mark.torch
+def test_peers_small_mode_zoo_and_transformers(tmp_path):
+    from benchmarks import peers
+
+    payload = peers.main(["--families", "llama", "--frameworks", "zoo", "transformers", "--batch-size", "2",
+                          "--seq-len", "16", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    data = _load(tmp_path / "peers_cpu.json")
+    assert data["rows"] == json.loads(json.dumps(payload["rows"]))
+    rows = {r["framework"]: r for r in data["rows"]}
+    assert set(rows) == {"zoo", "transformers"}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 0
+        assert r["step_ms"] == pytest.approx(1e3 * 2 * 16 / r["tokens_per_s"], rel=1e-6)
+    # both frameworks trained the same architecture: the same parameter count
+    assert rows["zoo"]["params"] == rows["transformers"]["params"] == zoo.param_count(peers.peer_config("llama"))
+    assert rows["transformers"]["zoo_speedup"] == pytest.approx(
+        rows["zoo"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"], rel=1e-9)
