@@ -13,17 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import torch
+import transformers
+from safetensors.numpy import load_file as np_load_file
+from safetensors.torch import load_file
+
+import zoo
+import zoo.hf
+from hf_utils import (FAMILIES, TENSOR_DAMAGE, check_damaged_checkpoint, check_to_hf_is_atomic, copy_checkpoint,
+                      edit_config, make_model, random_batch, save, torch_logits)
+
+# Needs PyTorch at import: conftest leaves this file out where torch is missing and the
+# marker expression excludes "torch" (the JAX-only CI leg).
 pytestmark = pytest.mark.torch
-torch = pytest.importorskip("torch")  # the JAX-only CI leg has no torch: collect nothing there
-transformers = pytest.importorskip("transformers")
-
-from safetensors.numpy import load_file as np_load_file  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-import zoo  # noqa: E402
-import zoo.hf  # noqa: E402
-from hf_utils import (FAMILIES, TENSOR_DAMAGE, check_damaged_checkpoint, check_to_hf_is_atomic,  # noqa: E402
-                      copy_checkpoint, edit_config, make_model, random_batch, save, torch_logits)
 
 PARITY_ATOL = 1e-4  # float32 import vs PyTorch
 ROUND_TRIP_ATOL = 1e-5  # exported checkpoint reloaded in transformers vs the original
