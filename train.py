@@ -32,6 +32,9 @@ from zoo.argtypes import non_negative_float, non_negative_int, positive_int
 
 DEFAULT_OUT = os.path.join("runs", "default")
 DEFAULT_PROMPT = "def "
+# Peak learning rate per --task: from-scratch pretraining of small models takes a large
+# one; fine-tuning a trained checkpoint needs a small one (BERT's 2e-5..5e-5, T5's 1e-4..1e-3).
+DEFAULT_LR = {"pretrain": 5e-3, "classify": 5e-5, "seq2seq": 3e-4}
 
 # Peak dense bf16 FLOP/s per device (vendor figures), matched as substrings of
 # `device.device_kind` in this order. MFU = flops_per_token * tokens/s / (devices * peak).
@@ -106,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", default="clm", choices=sorted(OBJECTIVES), help="training objective")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=positive_int, default=200, help="total optimizer steps")
-    g.add_argument("--lr", type=non_negative_float, default=5e-3, help="peak learning rate")
+    g.add_argument("--lr", type=non_negative_float, default=None,
+                   help="peak learning rate (default: 5e-3 for pretraining; fine-tuning a trained checkpoint: 5e-5 "
+                        "with --task classify, 3e-4 with --task seq2seq)")
     g.add_argument("--warmup-steps", type=non_negative_int, default=10, help="linear warmup steps")
     g.add_argument("--decay-steps", type=positive_int, default=None,
                    help="length of warmup + cosine decay (default: --steps)")
@@ -591,6 +596,8 @@ def main(argv: list[str] | None = None) -> dict | int:
     t0 = time.time()
     try:
         args = build_parser().parse_args(argv)
+        if args.lr is None:
+            args.lr = DEFAULT_LR[args.task]
         init_distributed(args)
         if args.compile_only:
             from benchmarks import plan

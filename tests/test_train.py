@@ -227,7 +227,6 @@ def test_bad_flag_exit_code_in_a_fresh_process():
     assert time.time() - t0 < 60
 
 
-@pytest.mark.slow
 def test_embedded_default_run(tmp_path):
     """`python train.py` as a user runs it: <= 5 minutes, loss falls >= 2 nats, a sample."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
