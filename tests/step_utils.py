@@ -6,12 +6,21 @@ import jax
 import numpy as np
 
 import train
-from zoo import objectives
+from zoo import data, objectives
 from zoo.sharding import make_mesh
 
 # eps well above float32 rounding of the gradients: Adam's first step is ~sign(g), which
 # would otherwise turn reduction-order noise on near-zero gradients into O(lr) changes.
 OPT = train.OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=10, eps=1e-3)
+
+
+def packed_batch(vocab_size: int, b: int = 8, t: int = 32, seed: int = 0) -> dict:
+    """A batch of rows packing two documents (18 and 11 tokens, when t = 32) and padding."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((b, t), np.int32)
+    seg[:, :18], seg[:, 18:29] = 1, 2
+    ids = np.where(seg > 0, rng.integers(4, vocab_size, (b, t)), 0).astype(np.int32)
+    return {"input_ids": ids, "segment_ids": seg, "positions": data.restart_positions(seg)}
 
 
 def single_and_sharded_step(cfg, batch, spec: str, *, objective: str = "clm", grad_accum: int = 1, opt=OPT):

@@ -21,7 +21,7 @@ import zoo.hf
 from zoo import moe
 from zoo.sharding import make_mesh
 
-from step_utils import assert_same_step, shard_shapes, single_and_sharded_step
+from step_utils import assert_same_step, packed_batch, shard_shapes, single_and_sharded_step
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 fake CPU devices (tests/conftest.py)")
 
@@ -247,20 +247,10 @@ def test_dropless_routing_matches_dense_reference(normalize):
 # --- training -----------------------------------------------------------------------------
 
 
-def _batch_for(cfg, b=8, t=32, seed=0):
-    from zoo import data
-
-    rng = np.random.default_rng(seed)
-    seg = np.zeros((b, t), np.int32)
-    seg[:, :18], seg[:, 18:29] = 1, 2  # two documents, then padding
-    ids = np.where(seg > 0, rng.integers(4, cfg.vocab_size, (b, t)), 0).astype(np.int32)
-    return {"input_ids": ids, "segment_ids": seg, "positions": data.restart_positions(seg)}
-
-
 @needs_8
 def test_sharded_step_matches_single_device_with_expert_parallelism():
     cfg = zoo.config("tiny-mixtral", dtype="float32", param_dtype="float32")
-    single, sharded, start = single_and_sharded_step(cfg, _batch_for(cfg), "fsdp=2,expert=2,tensor=2", grad_accum=2)
+    single, sharded, start = single_and_sharded_step(cfg, packed_batch(cfg.vocab_size), "fsdp=2,expert=2,tensor=2", grad_accum=2)
     # experts really are split: [L, E, D, F] with E over expert, D over fsdp, F over tensor
     gate = start["params"]["layers"]["mlp"]["gate_proj"]
     assert gate.shape == (2, 4, 64, 128) and len(gate.addressable_shards) == 8

@@ -290,16 +290,10 @@ def test_train_script_span_on_embedded_corpus_loss_falls(tmp_path):
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 fake CPU devices (tests/conftest.py)")
 def test_sharded_span_step_matches_single_device():
     """The same step on data=2,fsdp=2,tensor=2 (params really split) as on one device."""
-    from step_utils import assert_same_step, shard_shapes, single_and_sharded_step
-    from zoo import data
+    from step_utils import assert_same_step, packed_batch, shard_shapes, single_and_sharded_step
 
     cfg = zoo.config("tiny-t5")
-    rng = np.random.default_rng(0)
-    seg = np.zeros((8, 32), np.int32)
-    seg[:, :18], seg[:, 18:29] = 1, 2
-    batch = {"input_ids": np.where(seg > 0, rng.integers(4, cfg.vocab_size, (8, 32)), 0).astype(np.int32),
-             "segment_ids": seg, "positions": data.restart_positions(seg)}
-    single, sharded, start = single_and_sharded_step(cfg, batch, "data=2,fsdp=2,tensor=2", objective="span")
+    single, sharded, start = single_and_sharded_step(cfg, packed_batch(cfg.vocab_size), "data=2,fsdp=2,tensor=2", objective="span")
     params = start["params"]
     assert shard_shapes(params["encoder"]["layers"]["mlp"]["fc_in"]["kernel"]) == {(2, 32, 64)}  # [L, D, F]: embed->fsdp, mlp->tensor
     assert shard_shapes(params["decoder"]["layers"]["cross_attn"]["q_proj"]["kernel"]) == {(2, 32, 2, 16)}  # [L, D, N, H]: heads->tensor

@@ -20,18 +20,14 @@ import zoo
 from zoo import data, objectives
 from zoo.sharding import make_mesh
 
-from step_utils import assert_same_step, shard_shapes, single_and_sharded_step
+from step_utils import assert_same_step, packed_batch, shard_shapes, single_and_sharded_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 fake CPU devices (tests/conftest.py)")
 
 
 def _packed_batch(cfg, b=8, t=32, seed=0):
-    rng = np.random.default_rng(seed)
-    seg = np.zeros((b, t), np.int32)
-    seg[:, :18], seg[:, 18:29] = 1, 2  # two documents, then padding
-    ids = np.where(seg > 0, rng.integers(4, cfg.vocab_size, (b, t)), 0).astype(np.int32)
-    return {"input_ids": ids, "segment_ids": seg, "positions": data.restart_positions(seg)}
+    return packed_batch(cfg.vocab_size, b, t, seed)
 
 
 @pytest.fixture(scope="module")
