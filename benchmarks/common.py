@@ -29,6 +29,27 @@ def time_fn(fn, *args, warmup: int = 2, repeats: int = 5) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
 
 
+def time_train_steps(trainer, mesh, host_batches: list[dict], *, warmup: int, steps: int, seed: int = 0):
+    """(final state, last metrics, seconds for `steps` steps) of train.py's step from a fresh init.
+
+    The host batches are put on the devices once and alternated, so the timed loop does
+    no host work; warm-up steps run first and everything is synchronised before timing.
+    """
+    import train
+
+    batches = [{k: jax.device_put(v, trainer.batch_sharding) for k, v in b.items()} for b in host_batches]
+    with train.mesh_context(mesh):
+        state = trainer.init(jax.random.PRNGKey(seed))
+        for i in range(warmup):
+            state, metrics = trainer.step(state, batches[i % len(batches)])
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            state, metrics = trainer.step(state, batches[i % len(batches)])
+        jax.block_until_ready((state, metrics))
+        return state, metrics, time.perf_counter() - t0
+
+
 def device_info() -> dict:
     """What the figures were measured on: device kind, count, jax version, host, date."""
     dev = jax.devices()[0]

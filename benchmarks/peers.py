@@ -90,20 +90,9 @@ def worker_zoo(family: str, batch: int, seq_len: int, steps: int, warmup: int) -
     pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()
     batches = [{"input_ids": ids, "segment_ids": np.ones_like(ids), "positions": pos}
                for ids in _batches(cfg.vocab_size, batch, seq_len)]
-    from zoo import objectives
+    from benchmarks.common import time_train_steps
 
-    fields = objectives.get("clm").fields
-    batches = [{k: jax.device_put(b[k], trainer.batch_sharding) for k in fields} for b in batches]
-    with train.mesh_context(mesh):
-        state = trainer.init(jax.random.PRNGKey(0))
-        for i in range(warmup):
-            state, metrics = trainer.step(state, batches[i % 2])
-        jax.block_until_ready(state)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            state, metrics = trainer.step(state, batches[i % 2])
-        jax.block_until_ready(state)
-        elapsed = time.perf_counter() - t0
+    state, metrics, elapsed = time_train_steps(trainer, mesh, batches, warmup=warmup, steps=steps)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     return dict(tokens_per_s=batch * seq_len * steps / elapsed, step_ms=1e3 * elapsed / steps, compile_s=compile_s,
                 params=n_params, loss=float(metrics["loss"]), version=f"jax {jax.__version__}")
@@ -152,7 +141,7 @@ def worker_torch(family: str, batch: int, seq_len: int, steps: int, warmup: int)
 def maxtext_args(family: str, batch: int, seq_len: int, steps: int, out_dir: str, metrics_file: str) -> list[str]:
     """MaxText overrides describing the shared Llama decoder (base.yml keys)."""
     s = SHAPES[family]
-    return [f"run_name=zoo-peer", f"base_output_directory={out_dir}", "hardware=cpu",
+    return ["run_name=zoo-peer", f"base_output_directory={out_dir}", "hardware=cpu",
             "skip_jax_distributed_system=true", "dataset_type=synthetic", f"steps={steps}",
             f"per_device_batch_size={batch}", f"max_target_length={seq_len}", f"base_emb_dim={s['hidden_size']}",
             f"base_num_query_heads={s['num_heads']}", f"base_num_kv_heads={s['num_kv_heads']}",

@@ -34,7 +34,7 @@ import math
 import sys
 import time
 
-from benchmarks.common import RESULTS_DIR, device_info, markdown_table, write_json
+from benchmarks.common import RESULTS_DIR, device_info, markdown_table, time_train_steps, write_json
 
 CPU_MODELS = ("tiny-gpt2", "tiny-llama", "small-llama", "gpt2-124m")
 LARGE_MODELS = ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b", "llama3.2-1b", "llama3.2-3b", "llama3.1-8b")
@@ -61,7 +61,7 @@ def measure(cfg, mesh, *, batch_size: int, seq_len: int, steps: int, warmup: int
     import numpy as np
 
     import train
-    from zoo import data, objectives
+    from zoo import data
 
     devices = mesh.devices.flatten().tolist()
     opt = train.OptimConfig(warmup_steps=0, decay_steps=max(steps + warmup, 1))
@@ -82,19 +82,8 @@ def measure(cfg, mesh, *, batch_size: int, seq_len: int, steps: int, warmup: int
         return row
 
     it = data.SyntheticIterator(vocab_size=cfg.vocab_size, seq_len=seq_len, batch_size=batch_size, seed=seed)
-    fields = objectives.get("clm").fields
-    # Two batches, alternated: no host work inside the timed loop.
-    batches = [{k: jax.device_put(b[k], trainer.batch_sharding) for k in fields} for b in (next(it), next(it))]
-    with train.mesh_context(mesh):
-        state = trainer.init(jax.random.PRNGKey(seed))
-        for i in range(warmup):
-            state, metrics = trainer.step(state, batches[i % 2])
-        jax.block_until_ready(state)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            state, metrics = trainer.step(state, batches[i % 2])
-        jax.block_until_ready((state, metrics))
-        elapsed = time.perf_counter() - t0
+    state, metrics, elapsed = time_train_steps(trainer, mesh, [next(it), next(it)], warmup=warmup, steps=steps,
+                                               seed=seed)
     loss = float(np.asarray(jax.device_get(metrics["loss"])))
     tokens_per_s = batch_size * seq_len * steps / elapsed
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
@@ -106,7 +95,7 @@ def measure(cfg, mesh, *, batch_size: int, seq_len: int, steps: int, warmup: int
                memory_source="device peak_bytes_in_use" if device_peak is not None else "compiled memory_analysis")
     row["mfu_pct"] = 100 * row["mfu"]
     row["peak_memory_mib"] = row["peak_memory_bytes"] / 2**20
-    del state, batches
+    del state
     return row
 
 
