@@ -93,6 +93,9 @@ def _line_chunks(path: str, split_bytes: int) -> Iterator[tuple[int, int]]:
         yield start, end
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 class DataError(ValueError):
     """A data file that cannot be used (empty, not UTF-8, a JSON record without text)."""
 
@@ -113,6 +116,40 @@ def _check_jsonl_line(name: str, n: int, line: bytes, offset: int) -> None:
         raise DataError(f"{name}:{n}: not a JSON record ({e.msg})") from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise DataError(f"{name}:{n}: a JSON record needs a string 'text' field")
+
+
+def read_jsonl(path, fields: Sequence[str]) -> list[dict]:
+    """Records of a JSONL file holding every one of `fields`; one clear DataError otherwise.
+
+    Blank lines are skipped. Text fields must be strings; a "label" an integer.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data file does not exist: {path}")
+    records = []
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is not part of the JSON
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object with fields {', '.join(fields)}")
+            for field in fields:
+                if field not in record:
+                    raise DataError(f"{path}:{n}: missing field {field!r} (needs {', '.join(fields)})")
+                value = record[field]
+                if field == "label":
+                    if isinstance(value, bool) or not isinstance(value, int):
+                        raise DataError(f"{path}:{n}: label must be an integer class id, got {value!r}")
+                elif not isinstance(value, str):
+                    raise DataError(f"{path}:{n}: field {field!r} must be a string, got {type(value).__name__}")
+            records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records (empty file)")
+    return records
 
 
 class DocumentSource:
@@ -152,6 +189,9 @@ class DocumentSource:
                 with open(name, "rb") as fh:
                     start = 0
                     for n, line in enumerate(fh, 1):
+                        if n == 1 and line.startswith(UTF8_BOM):  # the record starts after the byte-order mark
+                            start, line = len(UTF8_BOM), line[len(UTF8_BOM):]
+                            total += start
                         if line.strip():
                             _check_jsonl_line(name, n, line, start)
                             self.index.append((f, start, start + len(line)))

@@ -468,38 +468,8 @@ def generate_texts(model, params, tokenizer, inputs: Sequence[Sequence[int]], *,
 # ------------------------------------------------------------------------------ data
 
 
-def read_jsonl(path, fields: Sequence[str]) -> list[dict]:
-    """Records of a JSONL file holding every one of `fields`; one clear EvalError otherwise.
-
-    Blank lines are skipped. Text fields must be strings; a "label" an integer.
-    """
-    path = str(path)
-    if not os.path.isfile(path):
-        raise EvalError(f"data file does not exist: {path}")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise EvalError(f"{path}:{n}: expected a JSON object with fields {', '.join(fields)}")
-            for field in fields:
-                if field not in record:
-                    raise EvalError(f"{path}:{n}: missing field {field!r} (needs {', '.join(fields)})")
-                value = record[field]
-                if field == "label":
-                    if isinstance(value, bool) or not isinstance(value, int):
-                        raise EvalError(f"{path}:{n}: label must be an integer class id, got {value!r}")
-                elif not isinstance(value, str):
-                    raise EvalError(f"{path}:{n}: field {field!r} must be a string, got {type(value).__name__}")
-            records.append(record)
-    if not records:
-        raise EvalError(f"{path}: no records (empty file)")
-    return records
+# One JSONL reader for every command (BOM, file:line errors): it lives with the other data readers.
+from zoo.data import read_jsonl  # noqa: E402
 
 
 __all__ = ["EvalError", "Pretrained", "load_pretrained", "find_tokenizer", "restore_params", "latest_checkpoint",
