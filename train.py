@@ -28,7 +28,7 @@ import sys
 import time
 from typing import NamedTuple
 
-from zoo.argtypes import non_negative_float, non_negative_int, positive_int
+from zoo.argtypes import host_port, non_negative_float, non_negative_int, positive_int
 
 DEFAULT_OUT = os.path.join("runs", "default")
 DEFAULT_PROMPT = "def "
@@ -130,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mesh axis sizes, e.g. data=2,fsdp=-1,tensor=1 (-1 fills the rest; axes: data, fsdp, "
                         "sequence, tensor, expert)")
     g.add_argument("--seed", type=int, default=0, help="seed of init, data order and sampling")
-    g.add_argument("--out", default=DEFAULT_OUT, help="run directory; a run resumes when it holds checkpoints")
+    g.add_argument("--out", default=DEFAULT_OUT,
+                   help="run directory: new, empty, or a train.py run to resume (it resumes when it holds checkpoints; "
+                        "one process writes it at a time)")
+    g.add_argument("--allow-flag-changes", action="store_true",
+                   help="resume even though flags that change the run (--steps, --lr, --seq-len, --batch-size, --data, "
+                        "...) differ from the ones in <out>/args.json, and record the new ones there")
     g.add_argument("--checkpoint-every", type=positive_int, default=100, help="save every N steps (and at the end)")
     g.add_argument("--keep-checkpoints", type=positive_int, default=3, help="checkpoints kept (the newest)")
     g.add_argument("--log-every", type=positive_int, default=1, help="write metrics every N steps")
@@ -146,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "metrics as 'nonfinite'); after this many in a row the run saves the last good state and "
                         "stops with exit status 3")
     g = p.add_argument_group("multi-host (jax.distributed; auto-detected on TPU pods, Slurm and Open MPI)")
-    g.add_argument("--coordinator", default=None,
+    g.add_argument("--coordinator", type=host_port, default=None,
                    help="HOST:PORT of process 0's coordinator; with --num-processes and --process-id, for clusters "
                         "JAX cannot detect (every process runs the same command with its own --process-id)")
     g.add_argument("--num-processes", type=positive_int, default=None, help="processes in the job (with --coordinator)")
@@ -400,14 +405,38 @@ def peak_flops_per_device(override: float | None = None) -> tuple[float, str]:
 
 
 class MetricsLog:
-    """metrics.jsonl (appended across resumes), TensorBoard events, and the history for loss.png."""
+    """metrics.jsonl (appended across resumes), TensorBoard events, and the history for loss.png.
 
-    def __init__(self, out: str):
+    `resume_step`: the step a resumed run restarts from. Records after it (written by a
+    run killed between checkpoints, and about to be retrained) are dropped from
+    metrics.jsonl, and TensorBoard is told to purge its events after that step.
+    """
+
+    def __init__(self, out: str, resume_step: int | None = None):
         from tensorboardX import SummaryWriter
 
         self.path = os.path.join(out, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(self.path):
+            self._truncate_after(resume_step)
         self.file = open(self.path, "a")
-        self.tb = SummaryWriter(os.path.join(out, "tb"))
+        purge = {} if resume_step is None else {"purge_step": resume_step + 1}
+        self.tb = SummaryWriter(os.path.join(out, "tb"), **purge)
+
+    def _truncate_after(self, step: int) -> None:
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                continue
+        if len(kept) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -504,6 +533,10 @@ def _resolve(args):
                          "does not produce; fine-tune with --task classify or --task seq2seq")
     if args.seq_len > cfg.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len={cfg.max_seq_len} of model {cfg.name!r}")
+    if args.sample_tokens >= cfg.max_seq_len:
+        raise UsageError(f"--sample-tokens {args.sample_tokens} leaves no room for the prompt in the "
+                         f"{cfg.max_seq_len} positions of model {cfg.name!r}")
+    check_run_out(args)
     try:
         mesh = make_mesh(args.mesh)
         check_divisible(cfg, mesh)
@@ -550,11 +583,66 @@ def _resolve(args):
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise UsageError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but model {cfg.name!r} has "
                          f"vocab_size={cfg.vocab_size}; pass --vocab-size tokenizer")
+    _check_sample_fits(args, cfg, tokenizer)
     try:
         check_divisible(cfg, mesh)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return cfg, mesh, source, tokenizer
+
+
+def check_run_out(args) -> None:
+    """--out is new, empty, or a train.py run (which resumes): never another directory's
+    files. A resume with flags that change the run is refused unless --allow-flag-changes."""
+    from zoo.paths import OutputError, check_writable_parent, resolve
+
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; pass a directory")
+    if not os.path.isdir(out):
+        try:
+            check_writable_parent(out, flag="--out")
+        except OutputError as e:
+            raise UsageError(str(e)) from None
+        return
+    entries = sorted(e for e in os.listdir(out) if e != ".lock")
+    saved_args = os.path.join(out, "args.json")
+    if entries and not os.path.isfile(saved_args) and "checkpoints" not in entries:
+        raise UsageError(f"--out {out} is not empty and holds no train.py run ({len(entries)} entries, e.g. "
+                         f"{entries[0]!r}); pass a new or empty directory")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot write in it (permission denied)")
+    ckpts = os.path.join(out, "checkpoints")
+    if not (os.path.isfile(saved_args) and os.path.isdir(ckpts) and any(e.isdigit() for e in os.listdir(ckpts))):
+        return  # nothing to resume: the run starts afresh and writes its own args.json
+    with open(saved_args) as f:
+        saved = json.load(f)
+    if saved.get("task", "pretrain") != "pretrain":
+        raise UsageError(f"--out {out} holds a --task {saved['task']} run; pretrain in another --out")
+
+    def same(flag, old, new):
+        if flag in ("data", "tokenizer", "model") and old is not None and new is not None:
+            keep = lambda v: v if v in ("stdlib", "synthetic") or not (os.path.exists(v) or v.endswith(".json")) \
+                else str(resolve(v))
+            old = [keep(v) for v in old] if isinstance(old, list) else keep(old)
+        return old == new
+
+    changed = [(f, saved[f], getattr(args, f)) for f in RESUME_FLAGS if f in saved and not same(f, saved[f],
+                                                                                            getattr(args, f))]
+    if saved.get("decay_steps") and saved.get("decay_steps") == args.decay_steps:
+        changed = [c for c in changed if c[0] != "steps"]  # a fixed schedule: a longer run only goes further
+    if changed and not args.allow_flag_changes:
+        flag, old, new = changed[0]
+        more = f" (and {len(changed) - 1} more: {', '.join('--' + c[0].replace('_', '-') for c in changed[1:])})" \
+            if len(changed) > 1 else ""
+        raise UsageError(f"--{flag.replace('_', '-')} {_show(new)} differs from {_show(old)} in {saved_args}, the run "
+                         f"being resumed{more}; pass the same value, another --out, or --allow-flag-changes")
+    for flag, old, new in changed:
+        print(f"resuming with --{flag.replace('_', '-')} {_show(new)} instead of {_show(old)} (--allow-flag-changes)")
+
+
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _vocab_override(value, tokenizer) -> int | None:
@@ -582,8 +670,10 @@ def sample(model, params, tokenizer, prompt: str, *, max_new_tokens: int, temper
 
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id or 0]
     host_params = jax.device_get(params)  # sampling is a demo: one device, no mesh
+    # Only ids the tokenizer can decode: the model's vocabulary may be padded past it.
     new = zoo.generate(model, host_params, jnp.asarray([ids], jnp.int32), max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_k=40 if temperature > 0 else None, seed=seed)
+                       temperature=temperature, top_k=40 if temperature > 0 else None, seed=seed,
+                       vocab_limit=tokenizer.vocab_size)
     new = [int(t) for t in jax.device_get(new)[0]]
     if tokenizer.eos_id is not None and tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
@@ -598,6 +688,7 @@ def main(argv: list[str] | None = None) -> dict | int:
         args = build_parser().parse_args(argv)
         if args.lr is None:
             args.lr = DEFAULT_LR[args.task]
+        resolve_paths(args)
         init_distributed(args)
         if args.compile_only:
             from benchmarks import plan
@@ -613,10 +704,43 @@ def main(argv: list[str] | None = None) -> dict | int:
         return _die(str(e))
     except NonFiniteStop as e:
         return _die(str(e), status=3)
+    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing to save yet
+        return _die("interrupted (Ctrl-C) before training started; nothing was saved", status=130)
     summary["wall_s"] = time.time() - t0
     if jax_process_index() == 0:
         print(f"done in {summary['wall_s']:.0f}s; run directory {args.out}")
-    return summary
+    return INTERRUPTED if summary.get("stopped") == "sigint" else summary
+
+
+# Exit status after Ctrl-C (128 + SIGINT, the shell's convention): the run checkpointed and stopped.
+INTERRUPTED = 130
+# Flags that change what a resumed run computes (schedule, data order, batch shapes, loss):
+# a resume with other values is refused unless --allow-flag-changes says it is meant.
+# (--steps may change when --decay-steps fixes the schedule.)
+RESUME_FLAGS = ("model", "data", "tokenizer", "vocab_size", "objective", "steps", "decay_steps", "lr", "warmup_steps",
+                "min_lr_ratio", "weight_decay", "b1", "b2", "eps", "clip_norm", "seq_len", "batch_size", "seed",
+                "z_loss", "split_bytes", "data_max_bytes", "shuffle_window")
+# Values that name files: made absolute once, here, so no code below sees a relative path
+# (orbax reads a relative checkpoint path differently) and args.json stays valid from any cwd.
+PATH_FLAGS = ("out", "tokenizer", "init")
+
+
+def resolve_paths(args) -> None:
+    """Makes every path flag absolute (and fills fine-tuning's default --out)."""
+    from zoo import data
+    from zoo.paths import resolve
+
+    if getattr(args, "task", "pretrain") != "pretrain" and args.out == DEFAULT_OUT:
+        args.out = os.path.join("runs", args.task)
+    for flag in PATH_FLAGS:
+        if getattr(args, flag, None):
+            setattr(args, flag, str(resolve(getattr(args, flag))))
+    keywords = (data.STDLIB, "synthetic")
+    args.data = [d if d in keywords else str(resolve(d)) for d in args.data]
+    if getattr(args, "eval_data", None):
+        args.eval_data = [str(resolve(d)) for d in args.eval_data]
+    if os.path.exists(args.model) or args.model.endswith(".json"):
+        args.model = str(resolve(args.model))
 
 
 class NonFiniteStop(Exception):
@@ -630,32 +754,51 @@ def jax_process_index() -> int:
 
 
 class StopRequest:
-    """SIGTERM (preemption) sets a flag the loop polls between steps; with several
-    processes they agree (any one signalled stops them all at the same step)."""
+    """SIGTERM (preemption) and Ctrl-C (SIGINT) set a flag the loop polls between steps: the
+    run finishes its step, checkpoints and stops. A second Ctrl-C aborts at once (the newest
+    complete checkpoint stays usable). With several processes they agree: any one signalled
+    stops them all at the same step."""
 
     def __init__(self):
         import signal
 
-        self.signalled = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.signal = None  # "sigterm" or "sigint" once one arrived
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        self.signalled = True
+        import signal
 
-    def requested(self) -> bool:
+        if signum == signal.SIGINT:
+            if self.signal == "sigint":
+                print("\ntrain.py: second Ctrl-C: aborted without saving; the newest complete checkpoint is kept",
+                      file=sys.stderr, flush=True)
+                os._exit(INTERRUPTED)
+            print("\ntrain.py: Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort at once)",
+                  file=sys.stderr, flush=True)
+        self.signal = self.signal or ("sigint" if signum == signal.SIGINT else "sigterm")
+
+    @property
+    def signalled(self) -> bool:
+        return self.signal is not None
+
+    def requested(self) -> str | None:
+        """The signal that stops the run ("sigterm" / "sigint"), agreed by all processes, or None."""
         import jax
         import numpy as np
 
         if jax.process_count() == 1:
-            return self.signalled
+            return self.signal
         from jax.experimental import multihost_utils
 
-        return bool(multihost_utils.process_allgather(np.int32(self.signalled)).max())
+        code = {None: 0, "sigterm": 1, "sigint": 2}[self.signal]
+        agreed = int(multihost_utils.process_allgather(np.int32(code)).max())
+        return {0: None, 1: "sigterm", 2: "sigint"}[agreed]
 
     def close(self) -> None:
         import signal
 
-        signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def _barrier(name: str) -> None:
@@ -667,26 +810,41 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _prepare_run_dir(args, cfg, source, tokenizer):
-    """The tokenizer (trained by process 0 when missing) and args.json; existing files are never replaced."""
+def _train_tokenizer(args, cfg, source):
+    """Process 0 trains the run's tokenizer into <out>/tokenizer.model; a corpus it cannot be
+    trained on is a UsageError (one line), and nothing is left behind."""
+    from zoo import data
+
+    path = os.path.join(args.out, "tokenizer.model")
+    t0 = time.time()
+    try:
+        tokenizer = data.train_tokenizer(source, path, vocab_size=cfg.vocab_size)
+    except RuntimeError as e:  # sentencepiece: too little text for the vocabulary, and the like
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--data: cannot train a {cfg.vocab_size}-token tokenizer on {len(source)} documents "
+                         f"({reason}); pass more text or --tokenizer FILE") from None
+    print(f"trained a {tokenizer.vocab_size}-token sentencepiece BPE tokenizer on {len(source)} documents "
+          f"in {time.time() - t0:.1f}s -> {path}")
+    return tokenizer
+
+
+def _prepare_run_dir(args, cfg, source, tokenizer, resumed: bool):
+    """The tokenizer (trained by process 0 when missing) and args.json (rewritten only while no
+    checkpoint exists, or when --allow-flag-changes accepted new values)."""
     import jax
 
     from zoo import data
 
     primary = jax.process_index() == 0
-    os.makedirs(args.out, exist_ok=True)
     if source is not None and tokenizer is None:
-        path = os.path.join(args.out, "tokenizer.model")
         if primary:
-            t0 = time.time()
-            tokenizer = data.train_tokenizer(source, path, vocab_size=cfg.vocab_size)
-            print(f"trained a {tokenizer.vocab_size}-token sentencepiece BPE tokenizer on {len(source)} documents "
-                  f"in {time.time() - t0:.1f}s -> {path}")
+            tokenizer = _train_tokenizer(args, cfg, source)
         _barrier("tokenizer")
         if not primary:
-            tokenizer = data.Tokenizer(path)
+            tokenizer = data.Tokenizer(os.path.join(args.out, "tokenizer.model"))
+    _check_sample_fits(args, cfg, tokenizer)
     args_path = os.path.join(args.out, "args.json")
-    if primary and not os.path.exists(args_path):  # the first run's flags and model; a resume keeps them
+    if primary and (not resumed or args.allow_flag_changes or not os.path.exists(args_path)):
         with open(args_path, "w") as f:
             json.dump(vars(args), f, indent=1)
         # The resolved config (and tokenizer) beside the checkpoints: `python -m zoo` reads them.
@@ -696,7 +854,67 @@ def _prepare_run_dir(args, cfg, source, tokenizer):
     return tokenizer
 
 
+def _check_sample_fits(args, cfg, tokenizer) -> None:
+    """The final sample needs its prompt plus --sample-tokens within the model's positions:
+    checked before the first step, not found out at the end of the run."""
+    if not args.sample_tokens or tokenizer is None:
+        return
+    prompt = len(tokenizer.encode(args.sample_prompt)) or 1
+    if prompt + args.sample_tokens > cfg.max_seq_len:
+        raise UsageError(f"--sample-prompt ({prompt} tokens) + --sample-tokens {args.sample_tokens} exceed the "
+                         f"{cfg.max_seq_len} positions of model {cfg.name!r}; lower --sample-tokens")
+
+
+@contextlib.contextmanager
+def _run_dir(out: str, primary: bool):
+    """Holds the run directory's lock (process 0) while the run writes it. If the run fails
+    before writing anything but the lock, the lock file (and the dir, if this run made it)
+    go again: a refused run leaves --out as it found it."""
+    from zoo.paths import OutputError, RunLock
+
+    existed = os.path.isdir(out)
+    before = set(os.listdir(out)) if existed else set()
+    try:
+        lock = RunLock(out) if primary else None
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+    try:
+        yield
+    except BaseException:
+        if lock is not None and set(os.listdir(out)) - before <= {RunLock.NAME}:
+            lock.release()
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out, RunLock.NAME))
+                if not existed:
+                    os.rmdir(out)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _remove_incomplete_saves(ckpt_dir: str) -> None:
+    """Temporary dirs of saves a killed run never finished: ours, useless, and in the way."""
+    import glob
+    import shutil
+
+    stale = sorted(glob.glob(os.path.join(ckpt_dir, "*.orbax-checkpoint-tmp*")))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    if stale:
+        print(f"removed {len(stale)} incomplete checkpoint save(s) left by an interrupted run: "
+              f"{', '.join(os.path.basename(p) for p in stale)}")
+
+
 def _train(args, cfg, mesh, source, tokenizer) -> dict:
+    import jax
+
+    primary = jax.process_index() == 0
+    with _run_dir(args.out, primary):
+        return _train_locked(args, cfg, mesh, source, tokenizer)
+
+
+def _train_locked(args, cfg, mesh, source, tokenizer) -> dict:
     import jax
     from flax import linen as nn
     from tqdm import tqdm
@@ -707,15 +925,23 @@ def _train(args, cfg, mesh, source, tokenizer) -> dict:
     from zoo.objectives import get as get_objective
 
     primary = jax.process_index() == 0
-    ckpt = Checkpointer(os.path.join(args.out, "checkpoints"), keep=args.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is not None:  # another model's checkpoint is refused before anything is written or compiled
-        try:
-            ckpt.check_compatible(start, {"params": nn.unbox(zoo.abstract_params(cfg, args.seq_len))})
-        except CheckpointMismatch as e:
-            ckpt.close()
-            raise UsageError(f"{e}; use another --out") from None
-    tokenizer = _prepare_run_dir(args, cfg, source, tokenizer)
+    ckpt_dir = os.path.join(args.out, "checkpoints")
+    if primary and os.path.isdir(ckpt_dir):
+        _remove_incomplete_saves(ckpt_dir)
+    _barrier("stale-saves")
+    start = None
+    if os.path.isdir(ckpt_dir):  # another model's checkpoint is refused before anything is written or compiled
+        ckpt = Checkpointer(ckpt_dir, keep=args.keep_checkpoints)
+        start = ckpt.latest_step()
+        if start is not None:
+            try:
+                ckpt.check_compatible(start, {"params": nn.unbox(zoo.abstract_params(cfg, args.seq_len))})
+            except CheckpointMismatch as e:
+                ckpt.close()
+                raise UsageError(f"{e}; use another --out") from None
+        ckpt.close()
+    tokenizer = _prepare_run_dir(args, cfg, source, tokenizer, resumed=start is not None)
+    ckpt = Checkpointer(ckpt_dir, keep=args.keep_checkpoints)
 
     opt = OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, decay_steps=args.decay_steps or args.steps,
                       min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, b1=args.b1, b2=args.b2,
@@ -753,7 +979,9 @@ def _train(args, cfg, mesh, source, tokenizer) -> dict:
               f"devices in {jax.process_count()} process(es), step compiled in {compile_s:.1f}s; "
               f"MFU peak {peak:.3g} FLOP/s/device ({peak_src})")
 
-    log = MetricsLog(args.out) if primary else None
+    # A resumed run's log restarts at its checkpoint: records of steps the killed run took
+    # after it are dropped (they are retrained), in metrics.jsonl and TensorBoard alike.
+    log = MetricsLog(args.out, resume_step=start) if primary else None
     losses: list[float] = []
     nonfinite_run = 0  # consecutive non-finite steps
 
@@ -765,7 +993,7 @@ def _train(args, cfg, mesh, source, tokenizer) -> dict:
     bar = tqdm(total=args.steps, initial=min(start, args.steps), disable=args.no_progress or not primary,
                unit="step", dynamic_ncols=True)
     last_time = time.time()
-    pending = None  # (step, metrics on device): read one step late so the host never stalls the device
+    pending = None  # (step, metrics on device): read while the next batch is already prepared
 
     def flush(item):
         nonlocal last_time, nonfinite_run
@@ -793,23 +1021,28 @@ def _train(args, cfg, mesh, source, tokenizer) -> dict:
     try:
         with mesh_context(mesh):
             for step in range(start, args.steps):
+                # The next batch is read and sent while step-1 still runs; then step-1's metrics
+                # decide whether to go on, so --max-nonfinite N stops after exactly N bad steps.
+                data_state = data_it.get_state()  # before this batch: a stop here resumes with it
                 batch = to_global(next(data_it))
-                state, metrics = trainer.step(state, batch)
                 if pending is not None:
                     flush(pending)
-                pending = (step + 1, metrics)
+                    pending = None
                 if nonfinite_run >= args.max_nonfinite:
                     stopped = "nonfinite"
-                elif stop.requested():
-                    stopped = "sigterm"
-                if stopped or (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
-                    # Params are unchanged by non-finite steps: this is the last good state.
-                    ckpt.save(step + 1, state, data_it.get_state())
+                else:
+                    stopped = stop.requested()
                 if stopped:
+                    # Params are unchanged by non-finite steps: this is the last good state.
+                    ckpt.save(step, state, data_state)
                     break
+                state, metrics = trainer.step(state, batch)
+                pending = (step + 1, metrics)
+                if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+                    ckpt.save(step + 1, state, data_it.get_state())
             if pending is not None:
                 flush(pending)
-    finally:  # also on Ctrl-C: let a save in flight finish, so the next run resumes from it
+    finally:  # let a save in flight finish, so the next run resumes from it
         stop.close()
         bar.close()
         ckpt.close()
@@ -823,8 +1056,9 @@ def _train(args, cfg, mesh, source, tokenizer) -> dict:
         raise NonFiniteStop(f"{nonfinite_run} steps in a row had a non-finite loss or gradient norm (the last at "
                             f"step {last}); their updates were skipped and the last good params are checkpointed at "
                             f"step {last} in {args.out}. Lower --lr or check the data, then rerun to resume.")
-    if stopped == "sigterm" and primary:
-        print(f"SIGTERM: checkpoint saved at step {last}; rerun the same command to resume")
+    if stopped in ("sigterm", "sigint") and primary:
+        print(f"{'SIGTERM' if stopped == 'sigterm' else 'Ctrl-C'}: checkpoint saved at step {last}; rerun the same "
+              "command to resume")
     summary = {"start_step": start, "steps": args.steps, "last_step": last, "losses": losses, "out": args.out,
                "stopped": stopped}
     if history and primary:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 import kernels
 from benchmarks.common import device_info, markdown_table, matmul_peak_tflops, time_fn, write_json, RESULTS_DIR
+from zoo.argtypes import non_negative_int, positive_int
 
 IMPLEMENTATIONS = ("xla", "pallas", "cudnn", "jax_pallas")
 
@@ -144,15 +145,15 @@ def main(argv=None):
     platform = jax.devices()[0].platform
     small = platform == "cpu"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[128, 256, 512] if small else [1024, 2048, 4096,
+    p.add_argument("--seq-lens", type=positive_int, nargs="+", default=[128, 256, 512] if small else [1024, 2048, 4096,
                                                                                               8192, 16384],
                    help="sequence lengths (q_len = kv_len)")
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64] if small else [64, 128],
+    p.add_argument("--head-dims", type=positive_int, nargs="+", default=[64] if small else [64, 128],
                    help="head dimensions H (default: 64 on CPU, 64 128 elsewhere)")
-    p.add_argument("--batch", type=int, default=1 if small else 4, help="batch B (default: 1 on CPU, 4 elsewhere)")
-    p.add_argument("--heads", type=int, default=4 if small else 16,
+    p.add_argument("--batch", type=positive_int, default=1 if small else 4, help="batch B (default: 1 on CPU, 4 elsewhere)")
+    p.add_argument("--heads", type=positive_int, default=4 if small else 16,
                    help="query heads N (default: 4 on CPU, 16 elsewhere)")
-    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads K (default: --heads, i.e. MHA)")
+    p.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads K (default: --heads, i.e. MHA)")
     p.add_argument("--dtype", default="float32" if small else "bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="q/k/v dtype; the matmul peak is measured in it too (default: float32 on CPU, else bfloat16)")
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"],
@@ -162,9 +163,9 @@ def main(argv=None):
     p.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
                    help="xla: reference; pallas: ours (interpret mode on CPU); cudnn: jax.nn.dot_product_attention "
                         "on GPU; jax_pallas: JAX's shipped TPU/GPU Pallas ops (default: all; n/a rows say why)")
-    p.add_argument("--warmup", type=int, default=1 if small else 3,
+    p.add_argument("--warmup", type=non_negative_int, default=1 if small else 3,
                    help="untimed calls before timing (default: 1 on CPU, 3 elsewhere)")
-    p.add_argument("--repeats", type=int, default=3 if small else 20,
+    p.add_argument("--repeats", type=positive_int, default=3 if small else 20,
                    help="timed calls; the median is reported (default: 3 on CPU, 20 elsewhere)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="directory for attention_<platform>.json/.png")
     p.add_argument("--name", default=None, help="result file stem (default attention_<platform>)")

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from benchmarks.common import device_info, markdown_table, write_json, RESULTS_DIR
+from zoo.argtypes import positive_int
 
 
 def _median_time(fn, repeats):
@@ -32,12 +33,12 @@ def _median_time(fn, repeats):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=512, help="model width of the Llama-architecture test model")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--prompt-len", type=positive_int, default=64)
+    p.add_argument("--new-tokens", type=positive_int, default=64)
+    p.add_argument("--hidden", type=positive_int, default=512, help="model width of the Llama-architecture test model")
+    p.add_argument("--layers", type=positive_int, default=8)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--name", default=None, help="result file stem (default generate_<platform>)")
     args = p.parse_args(argv)

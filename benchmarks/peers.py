@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, markdown_table, write_json
+from zoo.argtypes import non_negative_int, positive_int
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "PEER_RESULT "
@@ -239,10 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="architectures to compare (default: %(default)s); MaxText runs the llama one")
     p.add_argument("--frameworks", nargs="+", default=["zoo", "transformers", "maxtext"],
                    choices=["zoo", "transformers", "maxtext"], help="which to run (default: all)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per step (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per row (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per step (default: %(default)s)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per row (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps (default: %(default)s)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first (default: %(default)s)")
     p.add_argument("--maxtext-python", default=os.environ.get("MAXTEXT_PYTHON", str(ROOT / ".venv-maxtext/bin/python")),
                    help="Python of a venv with maxtext installed (default: $MAXTEXT_PYTHON or .venv-maxtext)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="results directory (default: benchmarks/results)")

@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from zoo.argtypes import positive_int
+
 GIB = 1024**3
 
 # HBM per chip (GiB). libtpu shows v4 as 2 devices per chip (one per TensorCore), each
@@ -433,9 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TPU topology or slice name, e.g. v5p:2x2x1, v5p-8, v5e:4x4, v6e:2x2 (default: %(default)s)")
     p.add_argument("--mesh", default="fsdp=-1",
                    help="mesh axis sizes over the topology's devices, as train.py's --mesh (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="global batch in rows (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=4096, help="tokens per row (default: %(default)s)")
-    p.add_argument("--grad-accum", type=int, default=1, help="microbatches per step (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="global batch in rows (default: %(default)s)")
+    p.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per row (default: %(default)s)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="microbatches per step (default: %(default)s)")
     p.add_argument("--remat", choices=REMAT_POLICIES + ("auto",), default=None,
                    help="activation checkpointing per layer; 'auto' tries none, dots, full and keeps the first "
                         "that fits (up to 3 compiles). Default: the preset's")

@@ -35,6 +35,7 @@ import sys
 import time
 
 from benchmarks.common import RESULTS_DIR, device_info, markdown_table, time_train_steps, write_json
+from zoo.argtypes import non_negative_int, positive_int
 
 CPU_MODELS = ("tiny-gpt2", "tiny-llama", "small-llama", "gpt2-124m")
 LARGE_MODELS = ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b", "llama3.2-1b", "llama3.2-3b", "llama3.1-8b")
@@ -138,12 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=None,
                    help=f"presets to measure (default on CPU: {' '.join(CPU_MODELS)}; elsewhere: the --large list)")
     p.add_argument("--large", action="store_true", help=f"measure {' '.join(LARGE_MODELS)} (where memory allows)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch in rows (default: 8)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: 128 on CPU, 1024 elsewhere)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 20 elsewhere)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps after compiling (default: 1 on CPU, 3 "
+    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch in rows (default: 8)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per row (default: 128 on CPU, 1024 elsewhere)")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps (default: 3 on CPU, 20 elsewhere)")
+    p.add_argument("--warmup", type=non_negative_int, default=None, help="untimed steps after compiling (default: 1 on CPU, 3 "
                                                             "elsewhere)")
-    p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default: all)")
+    p.add_argument("--devices", type=positive_int, default=None, help="use the first N local devices (default: all)")
     p.add_argument("--mesh", default="fsdp=-1", help="mesh over the local devices, as train.py's --mesh "
                                                      "(default: %(default)s)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],

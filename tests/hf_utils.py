@@ -173,10 +173,12 @@ def check_damaged_checkpoint(src: Path, tmp_path: Path, kind: str, key: str) -> 
 
 def check_to_hf_is_atomic(model, params, tmp_path: Path, monkeypatch) -> None:
     """zoo.to_hf failing midway (a simulated full disk after four tensors) leaves neither a
-    half-written target nor a temporary dir, and an existing target untouched; a later
-    successful export replaces the existing dir."""
+    half-written target nor a temporary dir, and an existing empty target as it was; a dir
+    with files in it is refused before any work and left untouched; a later successful
+    export fills the empty target."""
     import zoo
     import zoo.hf
+    from zoo.paths import OutputError
 
     real = zoo.hf._hf_tensor
     calls = {"n": 0}
@@ -197,14 +199,21 @@ def check_to_hf_is_atomic(model, params, tmp_path: Path, monkeypatch) -> None:
 
     existing = root / "existing"
     existing.mkdir()
-    (existing / "config.json").write_text("old")
     calls["n"] = 0
     with pytest.raises(OSError, match="simulated"):
         zoo.to_hf(model, params, existing)
+    assert os.listdir(root) == ["existing"] and os.listdir(existing) == []
+
+    (existing / "config.json").write_text("old")
+    calls["n"] = 0
+    with pytest.raises(OutputError, match="not empty"):
+        zoo.to_hf(model, params, existing)
+    assert calls["n"] == 0  # refused before any work
     assert os.listdir(root) == ["existing"]
     assert os.listdir(existing) == ["config.json"] and (existing / "config.json").read_text() == "old"
 
-    monkeypatch.setattr(zoo.hf, "_hf_tensor", real)  # a successful export replaces the old dir
+    (existing / "config.json").unlink()
+    monkeypatch.setattr(zoo.hf, "_hf_tensor", real)  # a successful export fills the empty dir
     zoo.to_hf(model, params, existing)
     assert os.listdir(root) == ["existing"]
-    assert sorted(os.listdir(existing)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(existing)) == ["config.json", "generation_config.json", "model.safetensors"]

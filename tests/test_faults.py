@@ -161,24 +161,50 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(seed, tmp_path
     assert restart.returncode == 0, restart.stdout[-2000:] + restart.stderr[-2000:]
     assert "resuming" in restart.stdout
     _assert_params_equal(_saved_params(out, STEPS), reference_params)
+    # The log restarts at the checkpoint: every step once, none of the killed run's extra steps.
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    assert not [d for d in os.listdir(out / "checkpoints") if "tmp" in d]
 
 
-def test_sigterm_saves_exits_0_and_resumes_bitwise(tmp_path, reference_params):
+@pytest.mark.parametrize("sig, status, name", [(signal.SIGTERM, 0, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_sigterm_and_ctrl_c_save_stop_and_resume_bitwise(sig, status, name, tmp_path, reference_params):
     out = tmp_path / "run"
     proc = _start(out)
     _wait_for_step(proc, out, 3)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     log = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, log[-2000:]
-    assert "SIGTERM: checkpoint saved at step" in log
-    stopped_at = int(log.split("SIGTERM: checkpoint saved at step ")[1].split(";")[0])
+    assert proc.returncode == status, log[-2000:]
+    assert "Traceback" not in log
+    assert f"{name}: checkpoint saved at step" in log
+    stopped_at = int(log.split(f"{name}: checkpoint saved at step ")[1].split(";")[0])
     assert 3 <= stopped_at < STEPS
     assert os.path.isdir(out / "checkpoints" / str(stopped_at))
+    # A save that a kill interrupted leaves a temporary dir: the next start removes it.
+    stale = out / "checkpoints" / f"{STEPS - 1}.orbax-checkpoint-tmp-1234"
+    stale.mkdir()
     restart = subprocess.run([sys.executable, "train.py", *FAULT, "--out", str(out)], cwd=ROOT, env=_env(),
                              capture_output=True, text=True, timeout=240)
     assert restart.returncode == 0, restart.stderr[-2000:]
     assert f"from its checkpoint at step {stopped_at}" in restart.stdout
+    assert "removed 1 incomplete checkpoint save" in restart.stdout and not stale.exists()
+    assert "Metadata file does not exist" not in restart.stderr  # absl noise on every resume, gone
     _assert_params_equal(_saved_params(out, STEPS), reference_params)
+
+
+def test_a_second_ctrl_c_aborts_at_once(monkeypatch, capsys):
+    exits = []
+    monkeypatch.setattr(train.os, "_exit", exits.append)
+    stop = train.StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, save, stop
+        assert stop.requested() == "sigint" and exits == []
+        os.kill(os.getpid(), signal.SIGINT)  # the second: out at once, no save
+        assert exits == [130]
+    finally:
+        stop.close()
+    err = capsys.readouterr().err
+    assert "Ctrl-C again to abort at once" in err and "second Ctrl-C: aborted without saving" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the run
 
 
 # --------------------------------------------------------------------------- non-finite
@@ -244,7 +270,9 @@ def test_injected_nan_batch_is_skipped_and_counted(poison_objective, tmp_path, m
     assert all(np.isfinite(r["loss"]) for i, r in enumerate(records) if i != 2)
 
 
-def test_k_nonfinite_steps_in_a_row_stop_with_last_good_checkpoint(poison_objective, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("limit", [1, 3])
+def test_k_nonfinite_steps_in_a_row_stop_with_last_good_checkpoint(limit, poison_objective, tmp_path, monkeypatch,
+                                                                   capsys):
     real_next = data.SyntheticIterator.__next__
 
     def poisoned_next(self):
@@ -256,12 +284,15 @@ def test_k_nonfinite_steps_in_a_row_stop_with_last_good_checkpoint(poison_object
     monkeypatch.setattr(data.SyntheticIterator, "__next__", poisoned_next)
     out = tmp_path / "run"
     status = train.main([*RUN, "--objective", poison_objective, "--steps", "20", "--out", str(out),
-                         "--vocab-size", "512", "--max-nonfinite", "3", "--checkpoint-every", "100"])
+                         "--vocab-size", "512", "--max-nonfinite", str(limit), "--checkpoint-every", "100"])
     assert status == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "steps in a row had a non-finite loss" in err[0], err
+    assert len(err) == 1 and f"{limit} steps in a row had a non-finite loss" in err[0], err
+    # Exactly `limit` bad steps ran (steps 3..2+limit), no more: the stop is at step 2 + limit.
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["nonfinite"] for r in records] == [0, 0] + [1] * limit
     saved = sorted(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit())
-    assert len(saved) == 1 and 5 <= saved[0] < 20
+    assert saved == [2 + limit]
     # The checkpoint holds the params after step 2, the last good one: rerun 2 clean steps.
     monkeypatch.setattr(data.SyntheticIterator, "__next__", real_next)
     clean = tmp_path / "clean"

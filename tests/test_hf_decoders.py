@@ -89,7 +89,7 @@ def test_round_trip_bit_exact(checkpoints, family, tmp_path):
     model, params = zoo.from_hf(path)
     out = tmp_path / "export"
     zoo.to_hf(model, params, out)
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["export"]  # no temp dir left behind
 
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()

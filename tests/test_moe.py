@@ -130,7 +130,7 @@ def test_round_trip_bit_exact(checkpoints, kind, tmp_path):
     model, params = zoo.from_hf(path)
     out = tmp_path / "export"
     zoo.to_hf(model, params, out)
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["export"]  # atomic: no temp dir left behind
     # the per-expert layout the checkpoint used, tensor for tensor
     assert sorted(load_file(out / "model.safetensors")) == sorted(load_file(path / "model.safetensors"))

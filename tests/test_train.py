@@ -298,14 +298,26 @@ def test_cross_entropy_and_z_loss_match_numpy():
 
 
 def test_flops_per_token_is_the_documented_formula():
-    # 6 * (matmul params incl. the lm head) + 12 * layers * d_attn * seq (PaLM appendix B),
-    # written out by hand for GPT-2 124M: 12 D^2 per layer (qkv+out 4 D^2, MLP 8 D^2).
+    # 6 * (matmul params incl. the lm head) + 12 * layers * d_attn * keys (PaLM appendix B), with
+    # keys = seq / 2 for causal attention (MaxText's and FlashAttention's convention), written out
+    # by hand for GPT-2 124M: 12 D^2 per layer (qkv+out 4 D^2, MLP 8 D^2).
     L, D, V, T = 12, 768, 50257, 1024
-    assert zoo.config("gpt2-124m").flops_per_token(T) == 6 * (L * 12 * D * D + V * D) + 12 * L * D * T
+    assert zoo.config("gpt2-124m").flops_per_token(T) == 6 * (L * 12 * D * D + V * D) + 12 * L * D * (T / 2)
     # Llama-3.1-8B: GQA projections (q, o: D x D; k, v: D x 1024) and a 3-matrix MLP.
     L, D, F, KV, V = 32, 4096, 14336, 1024, 128256
     dense = L * (2 * D * D + 2 * D * KV + 3 * D * F) + V * D
-    assert zoo.config("llama3.1-8b").flops_per_token(T) == 6 * dense + 12 * L * D * T
+    assert zoo.config("llama3.1-8b").flops_per_token(T) == 6 * dense + 12 * L * D * (T / 2)
+    # The causal half is exactly the attention term of a non-causal count halved.
+    llama = zoo.config("llama3.1-8b")
+    assert llama.flops_per_token(2 * T) - llama.flops_per_token(T) == 12 * L * D * (T / 2)
+    # Mistral's 4096-key window at 32k: a query sees min(position, W) keys, mean W - W^2 / (2T).
+    mistral, T = zoo.config("mistral-7b"), 32768
+    W = mistral.sliding_window
+    mean_keys = np.minimum(np.arange(1, T + 1), W).mean()  # exact count, to compare the closed form
+    assert mistral.attended_keys(T) == pytest.approx(mean_keys, rel=1e-3)
+    assert mistral.attended_keys(W) == W / 2
+    # BERT attends both ways: every key.
+    assert zoo.config("bert-base").attended_keys(512) == 512
 
 
 def test_progress_bar_shows_loss_and_throughput(tmp_path, capsys):

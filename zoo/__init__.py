@@ -81,11 +81,12 @@ def from_hf(path, dtype=jnp.float32):
     return _from_hf(path, dtype=dtype)
 
 
-def to_hf(model, params, out_dir) -> None:
-    """Writes config.json + model.safetensors that `transformers` loads."""
+def to_hf(model, params, out_dir, *, tokenizer=None, side_files_from=None) -> None:
+    """Writes a new HF dir: config.json + model.safetensors that `transformers` loads, with the
+    tokenizer and generation config (see `zoo.hf.to_hf`)."""
     from zoo.hf import to_hf as _to_hf
 
-    return _to_hf(model, params, out_dir)
+    return _to_hf(model, params, out_dir, tokenizer=tokenizer, side_files_from=side_files_from)
 
 
 __all__ = ["list_models", "config", "build", "abstract_params", "param_count", "from_hf", "to_hf", "generate",

@@ -11,12 +11,28 @@ restarted run resumes from the latest complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+@contextlib.contextmanager
+def quiet_absl():
+    """Silences absl warnings for a block: orbax warns "Metadata file does not exist" when
+    it reads one item of a checkpoint (the step-level metadata lives a level up), on every
+    resume and load, though nothing is wrong."""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 class CheckpointMismatch(ValueError):
@@ -83,7 +99,8 @@ class Checkpointer:
             raise CheckpointMismatch(
                 f"checkpoint {self.directory}/{step} was written by {data['process_count']} processes and its data "
                 f"order cannot be split over {jax.process_count()}; resume with {data['process_count']} processes")
-        meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+        with quiet_absl():
+            meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
         meta = getattr(meta, "item_metadata", meta)
         saved = _flat(getattr(meta, "tree", meta)["params"])
         wanted = _flat(abstract_state["params"])

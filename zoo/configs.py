@@ -35,8 +35,16 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     remat: str = "none"  # activation checkpointing policy per layer
     attention_impl: str | None = None  # kernels.attention implementation; None picks per backend
+    # Special token ids as HF's config.json has them (None: the checkpoint has none). They travel
+    # HF -> zoo -> HF; a zoo run's export takes them from its tokenizer (zoo/hf.py `to_hf`).
+    # eos may be several ids (Llama 3 instruct); they are kept as a tuple (configs are hashed).
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.eos_token_id, list):  # JSON gives lists back
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         # Sizes first: the defaults below divide by num_heads.
         for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len"):
             if getattr(self, field) <= 0:
@@ -70,16 +78,30 @@ class ModelConfig:
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * (non-embedding matmul params + lm head) + attention.
 
-        Attention adds 12 * layers * heads * head_dim * seq_len (QK^T and PV, forward
-        and backward, full non-causal square), the convention of the PaLM paper.
+        Attention adds 12 * layers * heads * head_dim * keys, with keys the mean number of
+        keys a query attends to (QK^T and PV, forward and backward; PaLM, appendix B):
+        seq_len for bidirectional attention, seq_len / 2 for causal attention (the
+        convention of MaxText and FlashAttention, so MFU figures compare), less under a
+        sliding window.
         """
         d, n, k, h = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
         attn_proj = d * h * (2 * n + 2 * k)
         mlp = self.mlp_matrices * d * self.intermediate_size
         dense = self.num_layers * (attn_proj + mlp) + d * self.vocab_size
-        return 6.0 * dense + 12.0 * self.num_layers * n * h * seq_len
+        return 6.0 * dense + 12.0 * self.num_layers * n * h * self.attended_keys(seq_len)
+
+    def attended_keys(self, seq_len: int) -> float:
+        """Mean keys per query: seq_len / 2 when causal; with a window W < seq_len, the mean of
+        min(position, W) over positions, W - W^2 / (2 seq_len); seq_len when bidirectional."""
+        if not self.causal:
+            return float(seq_len)
+        window = getattr(self, "sliding_window", None)
+        if window is not None and window < seq_len:
+            return window - window * window / (2.0 * seq_len)
+        return seq_len / 2.0
 
     mlp_matrices: ClassVar[int] = 3
+    causal: ClassVar[bool] = True  # decoders; encoders (BERT) attend both ways
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,13 +244,14 @@ class BertConfig(ModelConfig):
 
     family: ClassVar[str] = "bert"
     mlp_matrices: ClassVar[int] = 2
+    causal: ClassVar[bool] = False
     ARCHITECTURES: ClassVar[tuple[str, ...]] = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification")
 
     architecture: str = "BertModel"
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     num_labels: int = 2
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0
     # Not part of HF's BertConfig (it lives in the tokenizer): the id the MLM objective
     # writes over masked tokens. 103 is [MASK] in the uncased BERT vocabulary.
     mask_token_id: int = 103
@@ -302,12 +325,14 @@ class T5Config(ModelConfig):
         return 3 if self.feed_forward_proj == "gated-gelu" else 2
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per (encoder + decoder) token pair, the PaLM convention per stack."""
+        """Training FLOPs per (encoder + decoder) token pair, the decoders' convention per stack."""
         d, n, h, f = self.hidden_size, self.num_heads, self.head_dim, self.intermediate_size
         attn, mlp = 4 * d * n * h, self.mlp_matrices * d * f
         dense = self.num_layers * (attn + mlp) + self.num_decoder_layers * (2 * attn + mlp) + d * self.vocab_size
-        layers = self.num_layers + 2 * self.num_decoder_layers
-        return 6.0 * dense + 12.0 * layers * n * h * seq_len
+        # Encoder self-attention and decoder cross-attention see every key; decoder
+        # self-attention is causal (half), as in the decoders' count.
+        keys = self.num_layers * seq_len + self.num_decoder_layers * (seq_len + seq_len / 2.0)
+        return 6.0 * dense + 12.0 * n * h * keys
 
 
 # bert-base-uncased / bert-large-uncased (BertModel with pooler: 109.48M / 335.14M).

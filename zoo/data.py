@@ -55,8 +55,9 @@ def stdlib_files() -> list[Path]:
     return sorted(files, key=lambda p: (zlib.crc32(p.relative_to(root).as_posix().encode()), p.as_posix()))
 
 
-def find_files(paths: Sequence[str]) -> list[Path]:
-    """Expands files and directories (recursively, sorted) into data files; missing paths raise."""
+def find_files(paths: Sequence[str], flag: str = "--data") -> list[Path]:
+    """Expands files and directories (recursively, sorted) into data files; missing paths raise
+    FileNotFoundError naming `flag`."""
     known = TEXT_SUFFIXES + JSONL_SUFFIXES + ARRAY_RECORD_SUFFIXES
     files: list[Path] = []
     for raw in paths:
@@ -67,12 +68,12 @@ def find_files(paths: Sequence[str]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in known)
             if not found:
-                raise FileNotFoundError(f"no data files ({', '.join(known)}) under --data directory {raw}")
+                raise FileNotFoundError(f"no data files ({', '.join(known)}) under {flag} directory {raw}")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"--data path does not exist: {raw}")
+            raise FileNotFoundError(f"{flag} path does not exist: {raw}")
     return files
 
 
@@ -108,7 +109,8 @@ def _check_utf8(name: str, raw: bytes, offset: int = 0) -> None:
                         "convert it (e.g. iconv -t utf-8) or leave it out of --data") from None
 
 
-def _check_jsonl_line(name: str, n: int, line: bytes, offset: int) -> None:
+def _check_jsonl_line(name: str, n: int, line: bytes, offset: int) -> str:
+    """The record's text (DataError naming file:line when the line is not a record with one)."""
     _check_utf8(name, line, offset)
     try:
         record = json.loads(line)
@@ -116,37 +118,54 @@ def _check_jsonl_line(name: str, n: int, line: bytes, offset: int) -> None:
         raise DataError(f"{name}:{n}: not a JSON record ({e.msg})") from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise DataError(f"{name}:{n}: a JSON record needs a string 'text' field")
+    return record["text"]
 
 
-def read_jsonl(path, fields: Sequence[str]) -> list[dict]:
+def _has_text(path: str) -> bool:
+    """True once a byte other than whitespace turns up (a normal file answers in its first block)."""
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            if block.replace(UTF8_BOM, b"").strip():
+                return True
+    return False
+
+
+def read_jsonl(path, fields: Sequence[str], locations: list | None = None) -> list[dict]:
     """Records of a JSONL file holding every one of `fields`; one clear DataError otherwise.
 
-    Blank lines are skipped. Text fields must be strings; a "label" an integer.
+    Blank lines are skipped. Text fields must be strings; a "label" an integer. A
+    `locations` list gets "path:line" appended for each record returned, so later checks
+    (a label outside the training classes, ...) can name the line.
     """
     path = str(path)
     if not os.path.isfile(path):
         raise DataError(f"data file does not exist: {path}")
     records = []
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is not part of the JSON
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object with fields {', '.join(fields)}")
-            for field in fields:
-                if field not in record:
-                    raise DataError(f"{path}:{n}: missing field {field!r} (needs {', '.join(fields)})")
-                value = record[field]
-                if field == "label":
-                    if isinstance(value, bool) or not isinstance(value, int):
-                        raise DataError(f"{path}:{n}: label must be an integer class id, got {value!r}")
-                elif not isinstance(value, str):
-                    raise DataError(f"{path}:{n}: field {field!r} must be a string, got {type(value).__name__}")
-            records.append(record)
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    _check_utf8(path, raw)
+    lines = raw.decode("utf-8-sig").split("\n")  # -sig: a leading byte-order mark is not part of the JSON
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object with fields {', '.join(fields)}")
+        for field in fields:
+            if field not in record:
+                raise DataError(f"{path}:{n}: missing field {field!r} (needs {', '.join(fields)})")
+            value = record[field]
+            if field == "label":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise DataError(f"{path}:{n}: label must be an integer class id, got {value!r}")
+            elif not isinstance(value, str):
+                raise DataError(f"{path}:{n}: field {field!r} must be a string, got {type(value).__name__}")
+        records.append(record)
+        if locations is not None:
+            locations.append(f"{path}:{n}")
     if not records:
         raise DataError(f"{path}: no records (empty file)")
     return records
@@ -192,16 +211,20 @@ class DocumentSource:
                         if n == 1 and line.startswith(UTF8_BOM):  # the record starts after the byte-order mark
                             start, line = len(UTF8_BOM), line[len(UTF8_BOM):]
                             total += start
-                        if line.strip():
-                            _check_jsonl_line(name, n, line, start)
+                        # Records whose text is empty or blank carry nothing to learn: skipped.
+                        if line.strip() and _check_jsonl_line(name, n, line, start).strip():
                             self.index.append((f, start, start + len(line)))
                         start += len(line)
                         total += len(line)
                         if max_bytes and total >= max_bytes:
                             break
                 if len(self.index) == before:
-                    raise DataError(f"{name}: no JSON records in this JSONL file")
+                    raise DataError(f"no text in {name}: it holds no JSON record with a non-blank 'text'")
             else:
+                if not _has_text(name):
+                    if name in embedded:
+                        continue
+                    raise DataError(f"no text in {name}: it holds only whitespace; remove it from --data")
                 chunks = list(_line_chunks(name, split_bytes or size))
                 self.index.extend((f, a, b) for a, b in chunks)
                 total += size
@@ -227,6 +250,8 @@ class DocumentSource:
             with open(name, "rb") as fh:
                 fh.seek(a)
                 raw = fh.read(b - a)
+        if a == 0 and raw.startswith(UTF8_BOM):
+            raw = raw[len(UTF8_BOM):]
         text = raw.decode("utf-8", errors="replace")
         if name.endswith(JSONL_SUFFIXES) or (b < 0 and text.lstrip().startswith("{")):
             record = json.loads(text)

@@ -79,15 +79,14 @@ def run(args):
 # --------------------------------------------------------------------------- preparation
 
 
-def _records(paths, fields, flag):
-    from zoo.data import find_files
-    from zoo.evaluate import read_jsonl
+def _records(paths, fields, flag, locations: list | None = None):
+    from zoo.data import find_files, read_jsonl
 
-    files = find_files(paths)
+    files = find_files(paths, flag=flag)
     bad = [str(f) for f in files if not str(f).endswith((".jsonl", ".ndjson"))]
     if bad:
         raise ValueError(f"{flag} {bad[0]}: fine-tuning reads JSONL files (fields {', '.join(fields)})")
-    return [r for f in files for r in read_jsonl(f, fields)]
+    return [r for f in files for r in read_jsonl(f, fields, locations)]
 
 
 def _prepare(args, train) -> dict:
@@ -96,6 +95,7 @@ def _prepare(args, train) -> dict:
 
     from zoo import evaluate as ev
     from zoo.data import Tokenizer
+    from zoo.paths import OutputError, RunLock, check_new_dir
     from zoo.sharding import check_divisible, make_mesh
 
     task, fields = args.task, FIELDS[args.task]
@@ -103,13 +103,21 @@ def _prepare(args, train) -> dict:
         raise train.UsageError(f"--task {task} needs --data FILE.jsonl with fields {', '.join(fields)}")
     if jax.process_count() > 1:
         raise train.UsageError("fine-tuning runs on one host (its batches are built in this process)")
+    out = args.out
     try:
-        train_records = _records(args.data, fields, "--data")
-        eval_records = _records(args.eval_data, fields, "--eval-data") if args.eval_data else []
+        check_new_dir(out, flag="--out", sources=[args.init] if args.init else [])
+    except OutputError as e:
+        raise train.UsageError(f"{e}; fine-tuning starts a fresh run") from None
+    train_where, eval_where = [], []
+    try:
+        train_records = _records(args.data, fields, "--data", train_where)
+        eval_records = _records(args.eval_data, fields, "--eval-data", eval_where) if args.eval_data else []
     except ValueError as e:
         raise train.UsageError(str(e)) from None
 
     if args.init:
+        if not os.path.isdir(args.init):
+            raise train.UsageError(f"--init {args.init}: no such model dir (an HF checkpoint or a zoo run dir)")
         pre = ev.load_pretrained(args.init, dtype=None, tokenizer=args.tokenizer)
         cfg, params, tok = pre.cfg, pre.params, pre.tokenizer
         if tok is None:
@@ -133,17 +141,26 @@ def _prepare(args, train) -> dict:
             raise train.UsageError(f"--task classify fine-tunes BERT-family encoders (BertModel, BertForMaskedLM, "
                                    f"BertForSequenceClassification); {arch} has no classification head in the zoo")
         labels = np.asarray([r["label"] for r in train_records + eval_records])
+        where = train_where + eval_where
         if labels.min() < 0:
-            raise train.UsageError(f"labels must be class ids >= 0, got {labels.min()}")
+            i = int(np.argmin(labels))
+            raise train.UsageError(f"{where[i]}: label {labels[i]} is not a class id (they start at 0)")
+        train_labels = labels[: len(train_records)]
         if args.num_labels:
             num_labels = args.num_labels
         elif arch == "BertForSequenceClassification":
             num_labels = cfg.num_labels
-        else:
-            num_labels = max(int(labels.max()) + 1, 2)
+        else:  # a fresh head: as many classes as the training set has (a dev set may not widen it)
+            num_labels = max(int(train_labels.max()) + 1, 2)
+            unseen = [i for i in range(len(train_records), len(labels)) if labels[i] not in set(train_labels)]
+            if unseen:
+                i = unseen[0]
+                raise train.UsageError(f"{where[i]}: label {labels[i]} never occurs in --data (classes "
+                                       f"{sorted(set(train_labels.tolist()))}); fix the label or pass --num-labels")
         if labels.max() >= num_labels:
-            raise train.UsageError(f"label {labels.max()} is out of range for {num_labels} classes (the model's "
-                                   "classifier); pass --num-labels")
+            i = int(np.argmax(labels))
+            raise train.UsageError(f"{where[i]}: label {labels[i]} is out of range for {num_labels} classes (the "
+                                   "model's classifier); pass --num-labels")
         cfg = cfg.replace(architecture="BertForSequenceClassification", num_labels=num_labels)
         train_rows = [ev.frame(tok, cfg, r["text"], limit) for r in train_records]
         eval_rows = [ev.frame(tok, cfg, r["text"], limit) for r in eval_records]
@@ -178,10 +195,11 @@ def _prepare(args, train) -> dict:
     if (args.batch_size // args.grad_accum) % shards:
         raise train.UsageError(f"microbatch of {args.batch_size // args.grad_accum} rows does not split over the "
                                f"{shards} batch shards of --mesh {args.mesh} (data*fsdp*expert)")
-    out = os.path.join("runs", task) if args.out == train.DEFAULT_OUT else args.out
-    if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
-        raise train.UsageError(f"--out {out} already holds checkpoints; fine-tuning starts fresh: pass a new --out")
-    return dict(cfg=cfg, params=params, tokenizer=tok, mesh=mesh, seq_len=seq_len, data=data, out=out)
+    try:  # last: a refused run leaves nothing behind; held until the run ends (a second one is refused)
+        lock = RunLock(out)
+    except OutputError as e:
+        raise train.UsageError(str(e)) from None
+    return dict(cfg=cfg, params=params, tokenizer=tok, mesh=mesh, seq_len=seq_len, data=data, out=out, lock=lock)
 
 
 # ------------------------------------------------------------------------------ batches
@@ -318,7 +336,7 @@ def _finetune(args, plan, train) -> dict:
     from zoo.evaluate import write_run_metadata
 
     task, cfg, mesh, out, seq_len = args.task, plan["cfg"], plan["mesh"], plan["out"], plan["seq_len"]
-    os.makedirs(out, exist_ok=True)
+    lock = plan["lock"]
     with open(os.path.join(out, "args.json"), "w") as f:
         json.dump({**vars(args), "out": out}, f, indent=1)
     write_run_metadata(out, cfg, plan["tokenizer"])
@@ -406,6 +424,7 @@ def _finetune(args, plan, train) -> dict:
     figure = os.path.join(out, "accuracy.png" if task == "classify" else "scores.png")
     plot_curves(history, epochs, figure, task=task, steps_per_epoch=steps_per_epoch)
     print(f"curves in {figure}; metrics in {os.path.join(out, 'metrics.jsonl')}")
+    lock.release()
     return {"task": task, "out": out, "epochs": epochs, "losses": losses, "steps": step}
 
 

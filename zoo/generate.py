@@ -29,8 +29,15 @@ def _left_pad(input_ids: np.ndarray, mask: np.ndarray, pad_id: int):
     return out_ids, out_mask
 
 
-def sample_logits(logits_BV, rng, *, temperature: float, top_k: int | None, top_p: float | None):
-    """One token per row. temperature 0 is greedy; top_k / top_p filter before sampling."""
+def sample_logits(logits_BV, rng, *, temperature: float, top_k: int | None, top_p: float | None,
+                  vocab_limit: int | None = None):
+    """One token per row. temperature 0 is greedy; top_k / top_p filter before sampling.
+
+    Ids >= vocab_limit are never picked: a model's vocabulary is often padded past its
+    tokenizer's (to a multiple of 128), and those rows decode to nothing.
+    """
+    if vocab_limit is not None and vocab_limit < logits_BV.shape[-1]:
+        logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < vocab_limit, logits_BV, NEG_INF)
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = logits_BV.astype(jnp.float32) / temperature
@@ -48,9 +55,20 @@ def sample_logits(logits_BV, rng, *, temperature: float, top_k: int | None, top_
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p"))
+def clamp_vocab(vocab_size: int, vocab_limit: int | None, top_k: int | None) -> tuple[int | None, int | None]:
+    """(vocab_limit, top_k) as the decoder uses them: a limit only where it cuts the model's
+    vocabulary, and top_k at most the number of ids that can be sampled."""
+    if vocab_limit is not None and vocab_limit < 1:
+        raise ValueError(f"vocab_limit must be >= 1, got {vocab_limit}")
+    limit = vocab_limit if vocab_limit is not None and vocab_limit < vocab_size else None
+    if top_k is not None:
+        top_k = min(top_k, limit or vocab_size)
+    return limit, top_k
+
+
+@partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "vocab_limit"))
 def _decode(model, params, input_ids, attention_mask, stop_ids, pad_id, rng, *, max_new_tokens, temperature,
-            top_k, top_p):
+            top_k, top_p, vocab_limit):
     b, t = input_ids.shape
     dmodel = model.clone(decode=True)
     # Create the cache at full length (attention is skipped while it is being created).
@@ -61,7 +79,8 @@ def _decode(model, params, input_ids, attention_mask, stop_ids, pad_id, rng, *, 
     logits, vars_ = dmodel.apply({"params": params, "cache": cache}, input_ids, attention_mask,
                                  positions=positions, mutable=["cache"])
     rng, sub = jax.random.split(rng)
-    tok = sample_logits(logits[:, -1], sub, temperature=temperature, top_k=top_k, top_p=top_p)
+    tok = sample_logits(logits[:, -1], sub, temperature=temperature, top_k=top_k, top_p=top_p,
+                        vocab_limit=vocab_limit)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, stop_ids)
     pos = positions[:, -1] + 1
@@ -75,7 +94,8 @@ def _decode(model, params, input_ids, attention_mask, stop_ids, pad_id, rng, *, 
         logits, vars_ = dmodel.apply({"params": params, "cache": cache}, tok[:, None], jnp.ones((b, 1), jnp.int32),
                                      positions=pos[:, None], mutable=["cache"])
         rng, sub = jax.random.split(rng)
-        new = sample_logits(logits[:, -1], sub, temperature=temperature, top_k=top_k, top_p=top_p)
+        new = sample_logits(logits[:, -1], sub, temperature=temperature, top_k=top_k, top_p=top_p,
+                            vocab_limit=vocab_limit)
         new = jnp.where(done, pad_id, new)
         out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
         done = done | jnp.isin(new, stop_ids)
@@ -87,19 +107,21 @@ def _decode(model, params, input_ids, attention_mask, stop_ids, pad_id, rng, *, 
 
 def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_tokens=(),
-             num_return_sequences: int = 1, pad_id: int = 0):
+             num_return_sequences: int = 1, pad_id: int = 0, vocab_limit: int | None = None):
     """New token ids [batch * num_return_sequences, max_new_tokens].
 
     temperature 0 is greedy. After a row emits one of `stop_tokens` its remaining
     positions hold `pad_id`. Prompts of different lengths come with an
-    attention_mask (1 real, 0 padding), padded on either side.
+    attention_mask (1 real, 0 padding), padded on either side. `vocab_limit` (the
+    tokenizer's size) keeps ids the tokenizer cannot decode from being sampled; a
+    top_k above it is clamped to it (as transformers clamps to the vocabulary).
     """
     if getattr(model, "cfg", None) is not None and getattr(model.cfg, "family", "") == "t5":
         from zoo.t5 import generate as t5_generate  # encoder-decoder path
 
         return t5_generate(model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens,
-                           num_return_sequences=num_return_sequences, pad_id=pad_id)
+                           num_return_sequences=num_return_sequences, pad_id=pad_id, vocab_limit=vocab_limit)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -108,6 +130,7 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    vocab_limit, top_k = clamp_vocab(model.cfg.vocab_size, vocab_limit, top_k)
     ids = np.asarray(input_ids, dtype=np.int32)
     if ids.ndim == 1:
         ids = ids[None]
@@ -128,4 +151,4 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
     return _decode(model, params, jnp.asarray(ids), jnp.asarray(mask), stop, jnp.int32(pad_id),
                    jax.random.key(seed), max_new_tokens=max_new_tokens, temperature=float(temperature),
-                   top_k=top_k, top_p=top_p)
+                   top_k=top_k, top_p=top_p, vocab_limit=vocab_limit)

@@ -11,8 +11,10 @@ index the leading axes of the zoo parameter. New families (BERT, T5, MoE) add an
 
 Import streams tensor by tensor from the safetensors files into one preallocated
 numpy buffer per zoo parameter, so host memory stays near the checkpoint size.
-Export writes into a temporary directory beside the target and renames it into
-place only when everything has been written.
+Export writes into a new (absent or empty) directory only: it is built in a temporary
+sibling and renamed into place once complete (`zoo.paths`); nothing already on disk is
+replaced or deleted. Beside the weights travel the special token ids (config.json and
+generation_config.json) and the tokenizer files (`HF_SIDE_FILES`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -162,6 +163,31 @@ def _dtype_name(dtype) -> str:
     return jnp.dtype(dtype).name
 
 
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# What transformers' config class falls back to when config.json leaves an id out (classes
+# not listed: None). Import fills these in, so the export means to transformers what the
+# source meant, and writes every id explicitly.
+_HF_TOKEN_DEFAULTS = {
+    "GPT2LMHeadModel": (50256, 50256, None),
+    "LlamaForCausalLM": (1, 2, None), "MistralForCausalLM": (1, 2, None), "MixtralForCausalLM": (1, 2, None),
+    "GemmaForCausalLM": (2, 1, 0),
+    "BertModel": (None, None, 0), "BertForMaskedLM": (None, None, 0), "BertForSequenceClassification": (None, None, 0),
+}
+
+
+def _token_ids_from_hf(hf: dict, arch: str) -> dict:
+    """bos/eos/pad ids of an HF config dict (a list of eos ids becomes a tuple)."""
+    out = {}
+    for key, default in zip(TOKEN_ID_FIELDS, _HF_TOKEN_DEFAULTS.get(arch, (None, None, None))):
+        value = hf[key] if key in hf else default
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _token_ids_to_hf(cfg: ModelConfig) -> dict:
+    return {key: list(v) if isinstance(v := getattr(cfg, key), tuple) else v for key in TOKEN_ID_FIELDS}
+
+
 # --- GPT-2 ---------------------------------------------------------------------------
 
 def _gpt2_config_from_hf(hf: dict, name: str) -> GPT2Config:
@@ -179,6 +205,7 @@ def _gpt2_config_from_hf(hf: dict, name: str) -> GPT2Config:
         name=name, vocab_size=hf.get("vocab_size", 50257), hidden_size=d, num_layers=hf.get("n_layer", 12),
         num_heads=hf.get("n_head", 12), intermediate_size=_get(hf, "n_inner", 4 * d),
         max_seq_len=hf.get("n_positions", 1024), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        **_token_ids_from_hf(hf, arch),
     )
 
 
@@ -191,8 +218,7 @@ def _gpt2_config_to_hf(cfg: GPT2Config) -> dict:
         "n_head": cfg.num_heads, "n_inner": cfg.intermediate_size, "n_positions": cfg.max_seq_len,
         "n_ctx": cfg.max_seq_len, "layer_norm_epsilon": cfg.layer_norm_epsilon, "activation_function": "gelu_new",
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
-        "bos_token_id": cfg.vocab_size - 1, "eos_token_id": cfg.vocab_size - 1,  # <|endoftext|> is the last id
+        "tie_word_embeddings": True, **_token_ids_to_hf(cfg),
     }
 
 
@@ -269,7 +295,7 @@ def _llama_config_from_hf(hf: dict, name: str, arch: str) -> LlamaConfig:
         rms_norm_eps=_get(hf, "rms_norm_eps", 1e-6), tie_word_embeddings=bool(hf.get("tie_word_embeddings", is_gemma)),
         sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
         attention_bias=attention_bias, qk_norm=arch == "Qwen3ForCausalLM", norm_offset=is_gemma,
-        embed_scale=is_gemma, hidden_act=_ACTIVATIONS_FROM_HF[act],
+        embed_scale=is_gemma, hidden_act=_ACTIVATIONS_FROM_HF[act], **_token_ids_from_hf(hf, arch),
     )
 
 
@@ -289,7 +315,7 @@ def _llama_config_to_hf(cfg: LlamaConfig) -> dict:
         "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_norm_eps,
         "hidden_act": _ACTIVATIONS_TO_HF[cfg.hidden_act], "tie_word_embeddings": cfg.tie_word_embeddings,
-        **_rope_to_hf(cfg),
+        **_rope_to_hf(cfg), **_token_ids_to_hf(cfg),
     }
     if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM"):
         out["attention_bias"] = False
@@ -686,18 +712,132 @@ def _hf_tensor(rule: Rule, arrays: list[np.ndarray], idx: tuple[int, ...]) -> np
     return _to_hf(rule, [a[idx] for a in arrays])
 
 
-def to_hf(model: nn.Module, params, out_dir) -> None:
-    """Writes `out_dir` with config.json + model.safetensors that transformers loads.
+# The Hugging Face files that travel beside the weights: tokenizers (every format
+# transformers reads), their settings, the generation defaults and chat templates.
+HF_SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.tiktoken", "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
 
-    Atomic: everything goes to a temporary dir beside `out_dir`, which replaces any
-    existing `out_dir` only once complete; on failure nothing at `out_dir` changes
-    and the temporary dir is removed.
+
+def side_files(src_dir) -> list[str]:
+    """Names of the `HF_SIDE_FILES` present in `src_dir` (in that order)."""
+    root = Path(src_dir)
+    return [name for name in HF_SIDE_FILES if (root / name).is_file()]
+
+
+def copy_side_files(src_dir, dst_dir) -> list[str]:
+    """Copies the `HF_SIDE_FILES` present in `src_dir` into `dst_dir`, byte for byte (the
+    contents, not links or permissions); returns the names copied."""
+    src, dst = Path(src_dir), Path(dst_dir)
+    names = side_files(src)
+    for name in names:
+        if not ((dst / name).exists() and os.path.samefile(src / name, dst / name)):
+            shutil.copyfile(src / name, dst / name)
+    return names
+
+
+_BOS_PIECES = ("<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>")
+_PAD_PIECES = ("<pad>", "[PAD]", "<|pad|>")
+_UNK_PIECES = ("<unk>", "[UNK]")
+_BERT_PIECES = {"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
+
+
+def _tokenizer_specials(tokenizer) -> tuple[dict[str, int], dict[str, str]]:
+    """The special tokens of a `zoo.data.Tokenizer`: ({bos/eos/pad: id}, {HF *_token name: text}).
+
+    eos is the tokenizer's `eos_id` (what zoo training appends to every document). A
+    sentencepiece model declares bos, pad and unk; a tokenizer.json's are looked up by the
+    usual spellings. An id the tokenizer does not have is left out."""
+    if tokenizer.path.endswith(".json"):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        hf = HFTokenizer.from_file(tokenizer.path)
+        vocab = hf.get_vocab(with_added_tokens=True)
+        text = hf.id_to_token
+
+        def find(pieces):
+            return next((vocab[p] for p in pieces if p in vocab), None)
+
+        found = {"bos": find(_BOS_PIECES), "pad": find(_PAD_PIECES), "unk": find(_UNK_PIECES),
+                 **{k: vocab.get(v) for k, v in _BERT_PIECES.items()}}
+    else:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=tokenizer.path)
+        text = sp.id_to_piece
+        found = {"bos": sp.bos_id(), "pad": sp.pad_id(), "unk": sp.unk_id()}
+    found["eos"] = tokenizer.eos_id
+    for key in ("bos", "pad"):  # a Tokenizer that knows its own ids says so
+        if getattr(tokenizer, f"{key}_id", None) is not None:
+            found[key] = getattr(tokenizer, f"{key}_id")
+    found = {k: int(v) for k, v in found.items() if v is not None and v >= 0}
+    ids = {f"{k}_token_id": found[k] for k in ("bos", "eos", "pad") if k in found}
+    names = {(k if k.endswith("_token") else f"{k}_token"): text(v) for k, v in found.items()}
+    return ids, names
+
+
+def _write_tokenizer(tokenizer, names: dict[str, str], cfg: ModelConfig, out: Path) -> None:
+    """The tokenizer file under the name transformers looks for, and the settings that make
+    `AutoTokenizer.from_pretrained(out)` load it with these special tokens and encode as
+    zoo's Tokenizer does (no bos/eos added). transformers' generic fast tokenizer reads a
+    tokenizer.json, and converts a sentencepiece tokenizer.model keeping its normaliser
+    (LlamaTokenizer would add a dummy-prefix space the zoo's models never use)."""
+    name = "tokenizer.json" if tokenizer.path.endswith(".json") else "tokenizer.model"
+    shutil.copyfile(tokenizer.path, out / name)
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "add_bos_token": False,
+                "add_eos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_seq_len}
+    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2, ensure_ascii=False) + "\n")
+
+
+def _generation_config(hf_config: dict, base: dict | None = None) -> dict:
+    """generation_config.json: `base`'s settings with the special ids of config.json."""
+    out = dict(base or {})
+    for key in (*TOKEN_ID_FIELDS, "decoder_start_token_id"):
+        if hf_config.get(key) is not None:
+            out[key] = hf_config[key]
+        else:
+            out.pop(key, None)
+    return out
+
+
+def to_hf(model: nn.Module, params, out_dir, *, tokenizer=None, side_files_from=None) -> None:
+    """Writes `out_dir`: config.json + model.safetensors that transformers loads, the
+    tokenizer files and generation_config.json.
+
+    out_dir must not exist yet or be an empty directory (`zoo.paths.check_new_dir`; checked
+    before any work, an OutputError otherwise). It is built in a temporary sibling that
+    becomes `out_dir` only once complete, with the umask's permissions; on failure the
+    temporary dir is removed and nothing at `out_dir` changes.
+
+    side_files_from: a dir (an HF checkpoint, or a zoo run dir that `python -m zoo convert`
+        made from one) whose `HF_SIDE_FILES` are copied verbatim. When they include a
+        tokenizer_config.json they are the tokenizer, and config.json keeps the config's ids.
+    tokenizer: a `zoo.data.Tokenizer` (the run's own); used when `side_files_from` brings no
+        tokenizer_config.json. Its file is written as tokenizer.json or tokenizer.model with
+        a tokenizer_config.json and special_tokens_map.json, and its bos/eos/pad ids
+        replace the config's in config.json (a zoo run's eos is what its tokenizer appends).
+    generation_config.json carries config.json's ids (a copied one keeps its other settings).
     """
     import jax
 
+    from zoo.paths import check_new_dir, staged_dir
+
+    sources = [s for s in (side_files_from, getattr(tokenizer, "path", None)) if s is not None]
+    out = check_new_dir(out_dir, flag="out_dir", sources=sources)
     cfg = model.cfg
     spec = _spec(cfg.hf_architecture, cfg.name)
     hf_config = config_to_hf(cfg)
+    copied = side_files(side_files_from) if side_files_from is not None else []
+    use_tokenizer = tokenizer is not None and "tokenizer_config.json" not in copied
+    names: dict[str, str] = {}
+    if use_tokenizer:
+        ids, names = _tokenizer_specials(tokenizer)
+        hf_config.update(ids)
+        # The tokenizer's files replace the source's; its ids replace those of a copied generation config.
+        copied = [n for n in copied if n in ("generation_config.json", "chat_template.jinja", "chat_template.json")]
     flat = {"/".join(p.key for p in path): x
             for path, x in jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]}
     rules = spec.weights(cfg)
@@ -714,30 +854,21 @@ def to_hf(model: nn.Module, params, out_dir) -> None:
             tensors.append((key, rule.hf_shape, dtype, lambda r=rule, a=arrays, i=idx: _hf_tensor(r, a, i)))
     tensors.sort(key=lambda t: t[0])
 
-    out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         _write_safetensors(tmp / "model.safetensors", tensors)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / out.name, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for name in copied:
+            shutil.copyfile(Path(side_files_from) / name, tmp / name)
+        if use_tokenizer:
+            _write_tokenizer(tokenizer, names, cfg, tmp)
+        gen = tmp / "generation_config.json"
+        if use_tokenizer or not gen.exists():
+            base = json.loads(gen.read_text()) if gen.exists() else None
+            gen.write_text(json.dumps(_generation_config(hf_config, base), indent=2, sort_keys=True) + "\n")
 
 
 __all__ = ["ARCHITECTURES", "ArchSpec", "Rule", "CheckpointError", "from_hf", "to_hf", "config_from_hf",
-           "config_to_hf"]
+           "config_to_hf", "HF_SIDE_FILES", "side_files", "copy_side_files", "TOKEN_ID_FIELDS"]
 
 # The BERT and T5 tables live in zoo/hf_encoders.py, which registers them in ARCHITECTURES.
 import zoo.hf_encoders  # noqa: E402,F401

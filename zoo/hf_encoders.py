@@ -13,7 +13,7 @@ when imported, and `zoo/hf.py` imports it last, so either import order registers
 from __future__ import annotations
 
 from zoo.configs import BertConfig, T5Config
-from zoo.hf import ARCHITECTURES, ArchSpec, CheckpointError, Rule
+from zoo.hf import ARCHITECTURES, ArchSpec, CheckpointError, Rule, _token_ids_from_hf
 
 
 def _require(cond: bool, message: str) -> None:
@@ -37,7 +37,7 @@ def _bert_config_from_hf(hf: dict, name: str, arch: str) -> BertConfig:
         num_layers=hf.get("num_hidden_layers", 12), num_heads=hf.get("num_attention_heads", 12),
         intermediate_size=hf.get("intermediate_size", 3072), max_seq_len=hf.get("max_position_embeddings", 512),
         type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-        num_labels=num_labels, pad_token_id=hf.get("pad_token_id") or 0, mask_token_id=min(103, vocab - 1),
+        num_labels=num_labels, mask_token_id=min(103, vocab - 1), **_token_ids_from_hf(hf, arch),
     )
 
 
@@ -50,6 +50,7 @@ def _bert_config_to_hf(cfg: BertConfig) -> dict:
         "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size, "hidden_act": "gelu",
         "max_position_embeddings": cfg.max_seq_len, "type_vocab_size": cfg.type_vocab_size,
         "layer_norm_eps": cfg.layer_norm_eps, "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
         "position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False,
         "tie_word_embeddings": True,
         # Every HF config carries the label maps; only the classifier head uses them.
@@ -159,7 +160,9 @@ def _t5_config_from_hf(hf: dict, name: str) -> T5Config:
         relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), feed_forward_proj=ff, tie_word_embeddings=tie,
         scale_decoder_outputs=tie if scale is None else bool(scale),
+        # T5's model code needs int pad and eos ids; HF's T5 config has no bos (kept if there).
         pad_token_id=hf.get("pad_token_id") or 0, eos_token_id=hf.get("eos_token_id", 1),
+        bos_token_id=hf.get("bos_token_id"),
         decoder_start_token_id=hf.get("decoder_start_token_id") or 0,
         max_seq_len=hf.get("n_positions", 512),
         first_sentinel_id=32099 if hf.get("vocab_size") == 32128 else 0,
@@ -167,6 +170,7 @@ def _t5_config_from_hf(hf: dict, name: str) -> T5Config:
 
 
 def _t5_config_to_hf(cfg: T5Config) -> dict:
+    bos = {} if cfg.bos_token_id is None else {"bos_token_id": cfg.bos_token_id}
     return {
         "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True,
         "vocab_size": cfg.vocab_size, "d_model": cfg.hidden_size, "d_kv": cfg.head_dim,
@@ -177,7 +181,7 @@ def _t5_config_to_hf(cfg: T5Config) -> dict:
         # transformers>=5 reads scale_decoder_outputs; older versions derive it from the tie.
         "tie_word_embeddings": cfg.tie_word_embeddings, "scale_decoder_outputs": cfg.scale_decoder_outputs,
         "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id,
-        "decoder_start_token_id": cfg.decoder_start_token_id, "n_positions": cfg.max_seq_len,
+        "decoder_start_token_id": cfg.decoder_start_token_id, "n_positions": cfg.max_seq_len, **bos,
     }
 
 

@@ -203,9 +203,9 @@ class T5(nn.Module):
         return constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "activation_vocab"))
 
 
-@partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p"))
+@partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "vocab_limit"))
 def _decode(model, params, input_ids, attention_mask, stop_ids, pad_id, rng, *, max_new_tokens, temperature,
-            top_k, top_p):
+            top_k, top_p, vocab_limit):
     from zoo.generate import sample_logits
 
     variables = {"params": params}
@@ -226,7 +226,8 @@ def _decode(model, params, input_ids, attention_mask, stop_ids, pad_id, rng, *, 
                                  encoder_outputs=enc_BSD)
         rng, sub = jax.random.split(rng)
         logits_BV = jax.lax.dynamic_index_in_dim(logits_BNV, i, axis=1, keepdims=False)
-        tok_B = sample_logits(logits_BV, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+        tok_B = sample_logits(logits_BV, sub, temperature=temperature, top_k=top_k, top_p=top_p,
+                              vocab_limit=vocab_limit)
         tok_B = jnp.where(done, pad_id, tok_B)
         out_BN = jax.lax.dynamic_update_slice(out_BN, tok_B[:, None], (0, i))
         dec_BN = jax.lax.dynamic_update_slice(dec_BN, tok_B[:, None], (0, i + 1))
@@ -238,7 +239,7 @@ def _decode(model, params, input_ids, attention_mask, stop_ids, pad_id, rng, *, 
 
 def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_tokens=(),
-             num_return_sequences: int = 1, pad_id: int | None = None):
+             num_return_sequences: int = 1, pad_id: int | None = None, vocab_limit: int | None = None):
     """New decoder token ids [batch * num_return_sequences, max_new_tokens] (`zoo.generate` for T5).
 
     input_ids (padded on either side, with attention_mask) feed the encoder once; the
@@ -247,7 +248,10 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     config's pad). Each step reruns the decoder over a fixed-length buffer: no KV cache
     yet, fine for short outputs.
     """
+    from zoo.generate import clamp_vocab
+
     cfg = model.cfg
+    vocab_limit, top_k = clamp_vocab(cfg.vocab_size, vocab_limit, top_k)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -265,4 +269,5 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     pad = cfg.pad_token_id if pad_id is None else pad_id
     stop = jnp.asarray(list(stop_tokens) or [cfg.eos_token_id], jnp.int32)
     return _decode(model, params, jnp.asarray(ids), jnp.asarray(mask), stop, jnp.int32(pad), jax.random.key(seed),
-                   max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p)
+                   max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
+                   vocab_limit=vocab_limit)
