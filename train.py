@@ -533,7 +533,7 @@ def _resolve(args):
                          "does not produce; fine-tune with --task classify or --task seq2seq")
     if args.seq_len > cfg.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds max_seq_len={cfg.max_seq_len} of model {cfg.name!r}")
-    if args.sample_tokens >= cfg.max_seq_len:
+    if args.sample_tokens >= cfg.max_seq_len and args.data != ["synthetic"] and cfg.family in SAMPLED_FAMILIES:
         raise UsageError(f"--sample-tokens {args.sample_tokens} leaves no room for the prompt in the "
                          f"{cfg.max_seq_len} positions of model {cfg.name!r}")
     check_run_out(args)
@@ -592,9 +592,8 @@ def _resolve(args):
 
 
 def check_run_out(args) -> None:
-    """--out is new, empty, or a train.py run (which resumes): never another directory's
-    files. A resume with flags that change the run is refused unless --allow-flag-changes."""
-    from zoo.paths import OutputError, check_writable_parent, resolve
+    """--out is new, empty, or a train.py run (which resumes): never another directory's files."""
+    from zoo.paths import OutputError, check_writable_parent
 
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
@@ -612,11 +611,19 @@ def check_run_out(args) -> None:
                          f"{entries[0]!r}); pass a new or empty directory")
     if not os.access(out, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: cannot write in it (permission denied)")
-    ckpts = os.path.join(out, "checkpoints")
-    if not (os.path.isfile(saved_args) and os.path.isdir(ckpts) and any(e.isdigit() for e in os.listdir(ckpts))):
-        return  # nothing to resume: the run starts afresh and writes its own args.json
+
+
+def check_resume_flags(args, start: int) -> None:
+    """A resume from checkpoint `start` with flags that change the run (against <out>/args.json)
+    is refused, naming the flag and both values, unless --allow-flag-changes."""
+    from zoo.paths import resolve
+
+    saved_args = os.path.join(args.out, "args.json")
+    if start >= args.steps or not os.path.isfile(saved_args):
+        return  # a finished run only samples: no flag can change what it trained
     with open(saved_args) as f:
         saved = json.load(f)
+    out = args.out
     if saved.get("task", "pretrain") != "pretrain":
         raise UsageError(f"--out {out} holds a --task {saved['task']} run; pretrain in another --out")
 
@@ -712,6 +719,8 @@ def main(argv: list[str] | None = None) -> dict | int:
     return INTERRUPTED if summary.get("stopped") == "sigint" else summary
 
 
+# Families whose run ends with a sample of text (decoders).
+SAMPLED_FAMILIES = ("llama", "gpt2", "moe")
 # Exit status after Ctrl-C (128 + SIGINT, the shell's convention): the run checkpointed and stopped.
 INTERRUPTED = 130
 # Flags that change what a resumed run computes (schedule, data order, batch shapes, loss):
@@ -857,7 +866,7 @@ def _prepare_run_dir(args, cfg, source, tokenizer, resumed: bool):
 def _check_sample_fits(args, cfg, tokenizer) -> None:
     """The final sample needs its prompt plus --sample-tokens within the model's positions:
     checked before the first step, not found out at the end of the run."""
-    if not args.sample_tokens or tokenizer is None:
+    if not args.sample_tokens or tokenizer is None or cfg.family not in SAMPLED_FAMILIES:
         return
     prompt = len(tokenizer.encode(args.sample_prompt)) or 1
     if prompt + args.sample_tokens > cfg.max_seq_len:
@@ -881,7 +890,7 @@ def _run_dir(out: str, primary: bool):
     try:
         yield
     except BaseException:
-        if lock is not None and set(os.listdir(out)) - before <= {RunLock.NAME}:
+        if lock is not None and RunLock.NAME not in before and set(os.listdir(out)) - before <= {RunLock.NAME}:
             lock.release()
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(out, RunLock.NAME))
@@ -937,9 +946,12 @@ def _train_locked(args, cfg, mesh, source, tokenizer) -> dict:
             try:
                 ckpt.check_compatible(start, {"params": nn.unbox(zoo.abstract_params(cfg, args.seq_len))})
             except CheckpointMismatch as e:
-                ckpt.close()
                 raise UsageError(f"{e}; use another --out") from None
-        ckpt.close()
+            finally:
+                ckpt.close()
+            check_resume_flags(args, start)
+        else:
+            ckpt.close()
     tokenizer = _prepare_run_dir(args, cfg, source, tokenizer, resumed=start is not None)
     ckpt = Checkpointer(ckpt_dir, keep=args.keep_checkpoints)
 
@@ -1018,6 +1030,7 @@ def _train_locked(args, cfg, mesh, source, tokenizer) -> dict:
               "(pass --out DIR for a fresh run, or a larger --steps)")
     stop = StopRequest()
     stopped = None  # why the loop ended early
+    saved_step = start if start else None  # the step of the newest checkpoint on disk
     try:
         with mesh_context(mesh):
             for step in range(start, args.steps):
@@ -1034,12 +1047,14 @@ def _train_locked(args, cfg, mesh, source, tokenizer) -> dict:
                     stopped = stop.requested()
                 if stopped:
                     # Params are unchanged by non-finite steps: this is the last good state.
-                    ckpt.save(step, state, data_state)
+                    if saved_step != step:
+                        ckpt.save(step, state, data_state)
                     break
                 state, metrics = trainer.step(state, batch)
                 pending = (step + 1, metrics)
                 if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
                     ckpt.save(step + 1, state, data_it.get_state())
+                    saved_step = step + 1
             if pending is not None:
                 flush(pending)
     finally:  # let a save in flight finish, so the next run resumes from it
@@ -1066,7 +1081,7 @@ def _train_locked(args, cfg, mesh, source, tokenizer) -> dict:
               f"(step {history[-1]['step']}); metrics in {log.path}")
     # Sampling is a one-device demo; with several processes the params are not all on this host.
     if (not stopped and jax.process_count() == 1 and args.sample_tokens and tokenizer is not None
-            and cfg.family in ("llama", "gpt2", "moe")):
+            and cfg.family in SAMPLED_FAMILIES):
         text = sample(trainer.model, state["params"], tokenizer, args.sample_prompt,
                       max_new_tokens=args.sample_tokens, temperature=args.temperature, seed=args.seed)
         summary["sample"] = text

@@ -12,8 +12,9 @@ the capacity; the runtime also needs some HBM of its own (a few hundred MiB), so
 plan within ~2% of the capacity is a gamble.
 
 FLOPs are analytic: cfg.flops_per_token(seq_len) * tokens, i.e. 6 * matmul params +
-12 * layers * heads * head_dim * seq_len per token (PaLM's convention, the MFU
-numerator of train.py), divided over the devices. XLA's cost_analysis counts the body
+12 * layers * heads * head_dim * keys per token, keys = seq_len / 2 for causal attention
+(PaLM's count with MaxText's and FlashAttention's causal half; the MFU numerator of
+train.py), divided over the devices. XLA's cost_analysis counts the body
 of each loop once (layers are a scan), so its figure is printed beside it, not used.
 
     python -m benchmarks.plan --model llama3.1-8b --topology v5p:2x2x1 --mesh fsdp=-1 --batch-size 8 --seq-len 4096
@@ -362,7 +363,8 @@ def write_table(results: list[dict], out_dir=None) -> dict:
 
     payload = {"host": device_info(), "libtpu": _libtpu_version(), "jax_version": jax.__version__,
                "memory": "per device: arguments + outputs + temporaries - aliased (XLA memory_analysis)",
-               "flops": "analytic 6*matmul params + 12*layers*heads*head_dim*seq per token, per device",
+               "flops": "analytic 6*matmul params + 12*layers*heads*head_dim*attended keys (seq/2 causal) per token, "
+                        "per device",
                "rows": results}
     path = write_json("plan_tpu", payload, out_dir or RESULTS_DIR)
     path.with_suffix(".md").write_text(markdown_table([_table_row(r) for r in results], TABLE_COLUMNS) + "\n")

@@ -8,8 +8,9 @@ the local devices with --mesh (default fsdp=-1).
                 steps (dispatch is pipelined as in train.py; the clock stops when the
                 last step's outputs are ready)
     MFU       = cfg.flops_per_token(seq_len) * tokens/s / (devices * peak FLOP/s per device)
-                flops_per_token = 6 * matmul params + 12 * layers * heads * head_dim * seq_len
-                (PaLM's convention, as train.py logs it); the peak comes from
+                flops_per_token = 6 * matmul params + 12 * layers * heads * head_dim * keys,
+                keys = seq_len / 2 for causal attention (MaxText/FlashAttention convention)
+                (as train.py logs it); the peak comes from
                 train.peak_flops_per_device: the vendor dense bf16 figure on GPU/TPU, a
                 float32 matmul measured on this host on CPU (so CPU MFU is relative to
                 what XLA's CPU matmul reaches here, not to a datasheet)
@@ -197,7 +198,8 @@ def main(argv=None) -> dict:
     dev = device_info()
     payload = dict(device=dev, peak_flops_per_device=peak, peak_flops_source=peak_source, mesh=args.mesh,
                    mfu_formula="flops_per_token(seq_len) * tokens_per_s / (devices * peak_flops_per_device); "
-                               "flops_per_token = 6 * matmul params + 12 * layers * heads * head_dim * seq_len",
+                               "flops_per_token = 6 * matmul params + 12 * layers * heads * head_dim * keys (seq_len / 2 "
+                               "causal)",
                    rows=rows)
     path = write_json(args.name or f"throughput_{platform}", payload, args.out)
     png = plot(rows, path.with_suffix(".png"))

@@ -183,3 +183,21 @@ def test_peers_small_mode_zoo_and_transformers(tmp_path):
     assert rows["zoo"]["params"] == rows["transformers"]["params"] == zoo.param_count(peers.peer_config("llama"))
     assert rows["transformers"]["zoo_speedup"] == pytest.approx(
         rows["zoo"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"], rel=1e-9)
+
+
+@pytest.mark.parametrize("module", ["attention", "throughput", "plan", "generate", "peers"])
+def test_benchmarks_run_from_any_directory_and_refuse_zero_sizes(module, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    help_run = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert help_run.returncode == 0, help_run.stderr[-2000:]  # importable outside the repository root
+    flag = {"attention": "--seq-lens", "throughput": "--seq-len", "plan": "--seq-len", "generate": "--new-tokens",
+            "peers": "--seq-len"}[module]
+    zero = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", flag, "0"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert zero.returncode == 2 and f"argument {flag}: expected a positive integer, got '0'" in zero.stderr
+    assert os.listdir(tmp_path) == []  # nothing written

@@ -124,7 +124,8 @@ def test_generate_cli_prints_what_zoo_generate_gives(tmp_path, capsys):
                    "3", "--num-return-sequences", "2", "--jsonl")
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     ref = np.asarray(zoo.generate(model, params, ids, mask, max_new_tokens=12, temperature=0.9, top_k=8, top_p=0.95,
-                                  seed=3, stop_tokens=(tok.eos_id,), num_return_sequences=2))
+                                  seed=3, stop_tokens=(tok.eos_id,), num_return_sequences=2,
+                                  vocab_limit=tok.vocab_size))  # the CLI samples only ids its tokenizer decodes
     assert len(lines) == 4
     for r, line in enumerate(lines):
         row = [int(t) for t in ref[r]]
@@ -137,7 +138,7 @@ def test_generate_cli_prints_what_zoo_generate_gives(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path), "--prompt", prompts[1], "--max-new-tokens", "10"]) == 0
     printed = capsys.readouterr().out.splitlines()
     greedy = [int(t) for t in np.asarray(zoo.generate(model, params, ids[1:], mask[1:], max_new_tokens=10,
-                                                      stop_tokens=(tok.eos_id,)))[0]]
+                                                      stop_tokens=(tok.eos_id,), vocab_limit=tok.vocab_size))[0]]
     greedy = greedy[: greedy.index(tok.eos_id)] if tok.eos_id in greedy else greedy
     assert printed == ["=== prompt 1/1, sample 1/1 ===", prompts[1] + tok.decode(greedy)]
 

@@ -21,6 +21,7 @@ import train
 import zoo
 from zoo import data, objectives
 from zoo.sharding import make_mesh
+from run_utils import no_compile, snapshot  # noqa: F401 (no_compile is a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # eps well above float32 rounding noise: Adam's first steps are ~sign(g), which would
@@ -304,19 +305,6 @@ def test_k_nonfinite_steps_in_a_row_stop_with_last_good_checkpoint(limit, poison
 # ------------------------------------------------------------------------------ bad input
 
 
-def _snapshot(directory) -> dict[str, bytes]:
-    return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(directory) for f in files}
-
-
-@pytest.fixture
-def no_compile(monkeypatch):
-    def fail(*a, **k):
-        raise AssertionError("compiled despite bad input")
-
-    monkeypatch.setattr(train, "make_trainer", fail)
-
-
 @pytest.mark.parametrize("name, content, message", [
     ("empty.txt", b"", "empty data file"),
     ("latin1.txt", "caf\u00e9 au lait\n".encode("latin-1"), "not UTF-8 text (bad byte 0xe9 at byte offset 3)"),
@@ -329,17 +317,17 @@ def test_bad_data_files_fail_with_one_line(name, content, message, tmp_path, cap
     out = tmp_path / "out"
     out.mkdir()
     (out / "args.json").write_text("{}")
-    before = _snapshot(out)
+    before = snapshot(out)
     assert train.main(["--data", str(tmp_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and name in err[0], err
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_checkpoint_of_another_model_is_refused_before_compiling(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert isinstance(train.main([*RUN, "--steps", "2", "--out", str(out)]), dict)
-    before = _snapshot(out)
+    before = snapshot(out)
 
     def fail(*a, **k):
         raise AssertionError("compiled despite a mismatched checkpoint")
@@ -350,7 +338,7 @@ def test_checkpoint_of_another_model_is_refused_before_compiling(tmp_path, capsy
     assert train.main([*other, "--steps", "4", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is of another model" in err[0] and "use another --out" in err[0], err
-    assert _snapshot(out) == before  # nothing written, nothing overwritten
+    assert snapshot(out) == before  # nothing written, nothing overwritten
 
 
 @pytest.mark.parametrize("argv, message", [

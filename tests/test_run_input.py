@@ -16,22 +16,10 @@ import train
 import zoo
 from zoo import data
 from zoo.paths import RunLock
+from run_utils import no_compile, snapshot  # noqa: F401 (no_compile is a fixture)
 
 SYNTH = ["--model", "tiny-llama", "--data", "synthetic", "--seq-len", "32", "--batch-size", "8",
          "--sample-tokens", "0", "--no-progress"]
-
-
-def _snapshot(directory) -> dict[str, bytes]:
-    return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(directory) for f in files}
-
-
-@pytest.fixture
-def no_compile(monkeypatch):
-    def fail(*a, **k):
-        raise AssertionError("compiled despite bad input")
-
-    monkeypatch.setattr(train, "make_trainer", fail)
 
 
 def _refused(capsys, argv, *needles) -> str:
@@ -51,9 +39,9 @@ def test_out_that_holds_other_files_is_refused_untouched(tmp_path, capsys, no_co
     out = tmp_path / "notes"
     out.mkdir()
     (out / "notes.txt").write_text("mine\n")
-    before = _snapshot(out)
+    before = snapshot(out)
     _refused(capsys, [*SYNTH, "--out", str(out)], f"--out {out} is not empty", "'notes.txt'")
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_out_that_is_a_file_or_under_a_file_is_refused(tmp_path, capsys, no_compile):
@@ -68,9 +56,9 @@ def test_out_held_by_another_run_is_refused(tmp_path, capsys, no_compile):
     out = tmp_path / "run"
     lock = RunLock(out)
     try:
-        before = _snapshot(out)
+        before = snapshot(out)
         _refused(capsys, [*SYNTH, "--out", str(out)], f"--out {out} is in use by pid {os.getpid()}")
-        assert _snapshot(out) == before
+        assert snapshot(out) == before
     finally:
         lock.release()
 
@@ -175,10 +163,10 @@ def test_three_byte_corpus_trains_and_samples(tmp_path, capsys):
 
 def test_sample_longer_than_the_positions_is_refused_before_training(tmp_path, capsys, no_compile):
     out = tmp_path / "out"
-    _refused(capsys, ["--model", "tiny-gpt2", "--data", "synthetic", "--sample-tokens", "300", "--out", str(out)],
-             "--sample-tokens 300", "256 positions")
-    assert not out.exists()
     (tmp_path / "c.txt").write_text("word " * 400)
+    _refused(capsys, ["--model", "tiny-gpt2", "--data", str(tmp_path / "c.txt"), "--sample-tokens", "300",
+                      "--out", str(out)], "--sample-tokens 300", "256 positions")
+    assert not out.exists()
     tok = tmp_path / "tok.model"
     data.train_tokenizer(["word " * 400], tok, vocab_size=300)
     prompt = "word " * 100
@@ -195,29 +183,35 @@ def test_coordinator_must_be_host_port(capsys, no_compile):
              "'host:99999'")
 
 
-def _fake_run(out, **flags) -> None:
-    """A run dir as train.py leaves it after a checkpoint (no arrays needed: the checks come first)."""
+def _saved_run(out, **flags) -> None:
+    """<out>/args.json as train.py writes it (the flag check reads only that and the step)."""
+    out.mkdir(parents=True)
     args = vars(_parsed(SYNTH + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()] + ["--out", str(out)]))
-    (out / "checkpoints" / "5").mkdir(parents=True)
     (out / "args.json").write_text(json.dumps(args))
 
 
-def test_resume_with_changed_schedule_or_shape_flags_is_refused(tmp_path, capsys, no_compile):
+def test_resume_with_changed_schedule_or_shape_flags_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    _fake_run(out, steps=10, lr=0.005)
-    before = _snapshot(out)
+    _saved_run(out, steps=10, lr=0.005)
     for flag, value, old in (("--steps", "20", "10"), ("--seq-len", "64", "32"), ("--batch-size", "16", "8"),
                              ("--lr", "0.01", "0.005")):
-        argv = [*SYNTH, "--steps", "10", "--lr", "0.005", flag, value, "--out", str(out)]
-        _refused(capsys, argv, f"{flag} {float(value) if flag == '--lr' else value} differs from {old}",
-                 "--allow-flag-changes")
-    assert _snapshot(out) == before
+        args = _parsed([*SYNTH, "--steps", "10", "--lr", "0.005", flag, value, "--out", str(out)])
+        with pytest.raises(train.UsageError) as e:
+            train.check_resume_flags(args, start=5)
+        shown = float(value) if flag == "--lr" else value
+        assert f"{flag} {shown} differs from {old}" in str(e.value) and "--allow-flag-changes" in str(e.value)
+    # A finished run only samples: nothing it trained can change.
+    train.check_resume_flags(_parsed([*SYNTH, "--steps", "10", "--seq-len", "64", "--out", str(out)]), start=10)
+    # A fixed --decay-steps keeps the schedule: --steps may grow.
+    _saved_run(tmp_path / "fixed", steps=10, decay_steps=100)
+    train.check_resume_flags(_parsed([*SYNTH, "--steps", "50", "--decay-steps", "100", "--out",
+                                      str(tmp_path / "fixed")]), start=5)
 
 
-def test_allow_flag_changes_lets_the_resume_through(tmp_path, capsys, no_compile):
+def test_allow_flag_changes_lets_the_resume_through(tmp_path, capsys):
     out = tmp_path / "run"
-    _fake_run(out, steps=10)
-    train._resolve(_parsed([*SYNTH, "--steps", "20", "--allow-flag-changes", "--out", str(out)]))  # no refusal
+    _saved_run(out, steps=10)
+    train.check_resume_flags(_parsed([*SYNTH, "--steps", "20", "--allow-flag-changes", "--out", str(out)]), start=5)
     assert "resuming with --steps 20 instead of 10" in capsys.readouterr().out
 
 
@@ -251,20 +245,20 @@ def test_finetune_out_must_be_new_or_empty(classify_files, tmp_path, capsys, no_
     out = tmp_path / "ft"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    before = _snapshot(out)
+    before = snapshot(out)
     _refused(capsys, _finetune_argv(d, tok, out), f"--out {out} is not empty")
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_finetune_out_may_not_be_the_init_dir(tmp_path, capsys, no_compile):
     init = tmp_path / "init"
     init.mkdir()
     (init / "config.json").write_text("{}")
-    before = _snapshot(init)
+    before = snapshot(init)
     (tmp_path / "t.jsonl").write_text('{"text": "a", "label": 0}\n')
     _refused(capsys, ["--task", "classify", "--init", str(init), "--data", str(tmp_path / "t.jsonl"),
                       "--out", str(init)], "overlaps the source")
-    assert _snapshot(init) == before
+    assert snapshot(init) == before
 
 
 def test_finetune_names_the_flag_of_a_missing_path(classify_files, tmp_path, capsys, no_compile):

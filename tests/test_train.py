@@ -20,6 +20,7 @@ import zoo
 from zoo import data, objectives
 from zoo.sharding import make_mesh
 
+from run_utils import snapshot
 from step_utils import assert_same_step, packed_batch, shard_shapes, single_and_sharded_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,12 +113,17 @@ def _run(argv):
     return result
 
 
-def test_resume_matches_uninterrupted_run_bitwise(tmp_path, corpus):
+def test_resume_matches_uninterrupted_run_bitwise(tmp_path, corpus, capsys):
     common = ["--model", "tiny-llama", "--data", str(corpus), "--tokenizer", str(corpus / "tok.model"),
               "--batch-size", "8", "--seq-len", "32", "--decay-steps", "6", "--warmup-steps", "2",
               "--checkpoint-every", "2", "--sample-tokens", "0"]
     _run(common + ["--steps", "3", "--out", str(tmp_path / "a")])  # "preempted" after 3 steps
-    resumed = _run(common + ["--steps", "6", "--out", str(tmp_path / "a")])
+    # A resume that would change the schedule is refused, naming the flag and both values, and touches nothing.
+    before = snapshot(tmp_path / "a")
+    assert train.main(common + ["--steps", "6", "--lr", "0.01", "--out", str(tmp_path / "a")]) == 2
+    assert "--lr 0.01 differs from 0.005" in capsys.readouterr().err
+    assert snapshot(tmp_path / "a") == before
+    resumed = _run(common + ["--steps", "6", "--out", str(tmp_path / "a")])  # --decay-steps fixed: may grow
     straight = _run(common + ["--steps", "6", "--out", str(tmp_path / "b")])
     assert resumed["start_step"] == 3 and len(resumed["losses"]) == 3
 

@@ -146,6 +146,9 @@ def restore_params(state_dir) -> dict:
     import orbax.checkpoint as ocp
     from absl import logging as absl_logging
 
+    from zoo.paths import resolve
+
+    state_dir = resolve(state_dir)  # orbax reads no metadata tree from a relative path
     ckpt = ocp.PyTreeCheckpointer()
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns that the *step* metadata is not in this item dir
@@ -153,7 +156,9 @@ def restore_params(state_dir) -> dict:
         meta = ckpt.metadata(state_dir)
     finally:
         absl_logging.set_verbosity(verbosity)
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else getattr(meta, "tree", None)
+    if tree is None:
+        raise EvalError(f"{state_dir}: no readable checkpoint metadata (not an orbax checkpoint?)")
     if "params" not in tree:
         raise EvalError(f"{state_dir}: the saved state has no 'params'")
     target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree["params"])
@@ -165,19 +170,33 @@ def restore_params(state_dir) -> dict:
 
 def find_tokenizer(path, hint: str | None = None):
     """The tokenizer of a model dir (tokenizer.json, tokenizer.model, spiece.model, *.model), or None."""
-    from zoo.data import Tokenizer
-
     root = Path(path)
     candidates = [root / name for name in TOKENIZER_FILES] + sorted(root.glob("*.model"))
     if hint:
         candidates.append(Path(hint))
     for file in candidates:
         if file.is_file():
-            try:
-                return Tokenizer(file)
-            except Exception as e:  # sentencepiece/tokenizers raise assorted types on a bad file
-                raise EvalError(f"cannot load tokenizer {file}: {e}") from None
+            return load_tokenizer(file)
     return None
+
+
+def load_tokenizer(path, *, name=None):
+    """A `zoo.data.Tokenizer` of a file; one EvalError naming `name` (default: the path) if it cannot be read."""
+    from zoo.data import Tokenizer
+
+    try:
+        return Tokenizer(path)
+    except Exception as e:  # sentencepiece/tokenizers raise assorted types on a bad or unreadable file
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise EvalError(f"cannot load tokenizer {name or path}: {detail}") from None
+
+
+def check_vocab(tokenizer, cfg, *, model: str = "the model", tokenizer_name: str | None = None) -> None:
+    """Refuses a tokenizer whose ids can exceed the model's vocabulary (its embedding would be
+    read out of range: NaN or garbage instead of an error)."""
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise EvalError(f"tokenizer {tokenizer_name or tokenizer.path} has {tokenizer.vocab_size} tokens but "
+                        f"{model} has a vocabulary of {cfg.vocab_size}; pass the model's own tokenizer")
 
 
 def load_pretrained(path, *, dtype: str | None = "float32", tokenizer: str | None = None) -> Pretrained:
@@ -186,16 +205,16 @@ def load_pretrained(path, *, dtype: str | None = "float32", tokenizer: str | Non
     dtype: compute and param dtype (None keeps the run's config; HF checkpoints then
     load in float32). tokenizer: a tokenizer file overriding the one in the dir.
     """
-    from zoo.data import Tokenizer
+    from zoo.paths import resolve
 
-    root = Path(path)
+    root = resolve(path)  # absolute once, here: orbax misreads relative checkpoint paths; messages keep `path`
     if not root.is_dir():
         raise EvalError(f"model dir does not exist: {path}")
     tok = None
     if tokenizer:
-        if not os.path.isfile(tokenizer):
+        if not os.path.isfile(resolve(tokenizer)):
             raise EvalError(f"tokenizer file does not exist: {tokenizer}")
-        tok = Tokenizer(tokenizer)
+        tok = load_tokenizer(resolve(tokenizer), name=tokenizer)
     if is_hf_dir(root):
         import zoo
 
@@ -250,6 +269,12 @@ def token_id(tokenizer, *pieces: str) -> int | None:
     return None
 
 
+def decode_known(tokenizer, ids: Iterable[int]) -> str:
+    """Text of the ids the tokenizer knows. A model's vocabulary may be larger than its tokenizer's
+    (padded to a multiple of 128); ids past the tokenizer's are left out (sentencepiece raises on them)."""
+    return tokenizer.decode([int(t) for t in ids if 0 <= int(t) < tokenizer.vocab_size])
+
+
 def frame(tokenizer, cfg, text: str, max_len: int, *, role: str = "input") -> list[int]:
     """Token ids of `text` as the model family expects them, at most `max_len` long.
 
@@ -297,15 +322,20 @@ def _bar(total: int, desc: str, progress: bool):
 
 
 @partial(jax.jit, static_argnums=0)
-def _nll_sums(model, params, ids_BT, seg_BT):
+def _nll_rows(model, params, ids_BT, seg_BT):
+    """Summed next-token NLL and target count of each row: ([B], [B])."""
     from zoo.objectives import cross_entropy_sums, next_token_targets
 
     # one window per row, so positions simply count from 0
     positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1], dtype=jnp.int32), ids_BT.shape)
     logits_BTV = model.apply({"params": params}, ids_BT, positions=positions_BT, segment_ids=seg_BT)
     targets_BT, valid_BT = next_token_targets(ids_BT, seg_BT)
-    _, sums = cross_entropy_sums(logits_BTV, targets_BT, valid_BT)
-    return sums["nll"], sums["weight"]
+
+    def row(logits_TV, targets_T, valid_T):
+        _, sums = cross_entropy_sums(logits_TV[None], targets_T[None], valid_T[None])
+        return sums["nll"], sums["weight"]
+
+    return jax.vmap(row)(logits_BTV, targets_BT, valid_BT)
 
 
 def windows(tokens: Sequence[int], length: int) -> list[list[int]]:
@@ -315,29 +345,51 @@ def windows(tokens: Sequence[int], length: int) -> list[list[int]]:
 
 
 def perplexity(model, params, documents: Iterable[Sequence[int]], *, seq_len: int, batch_size: int = 8,
-               progress: bool = True) -> dict:
+               progress: bool = True, per_document: bool = False) -> dict:
     """exp(mean next-token NLL) of a causal LM over token-id documents.
 
     Each document is scored on its own (no context from other documents), cut into
     windows of `seq_len` tokens. Returns dict(perplexity, nll (nats/token), tokens
-    (predicted tokens), windows).
+    (predicted tokens), windows); with `per_document`, also "per_document": one
+    dict(nll_sum, nll_mean, tokens, windows) per document, in order (a document with
+    fewer than two tokens predicts nothing: tokens 0, nll_mean None).
+    Token ids outside the model's vocabulary are refused (EvalError), never scored.
     """
-    if model.cfg.family not in DECODER_FAMILIES:
-        raise EvalError(f"perplexity needs a causal LM; {model.cfg.name!r} is a {model.cfg.family} model")
-    chunks = [w for doc in documents for w in windows(doc, seq_len)]
+    cfg = model.cfg
+    if cfg.family not in DECODER_FAMILIES:
+        raise EvalError(f"perplexity needs a causal LM; {cfg.name!r} is a {cfg.family} model")
+    owners, chunks, n_docs = [], [], 0
+    for d, doc in enumerate(documents):
+        n_docs += 1
+        doc = np.asarray(doc, np.int64)
+        if doc.size and (doc.min() < 0 or doc.max() >= cfg.vocab_size):
+            bad = int(doc.max() if doc.max() >= cfg.vocab_size else doc.min())
+            raise EvalError(f"document {d}: token id {bad} is outside the model's vocabulary [0, {cfg.vocab_size}) "
+                            "(a tokenizer larger than the model's?)")
+        for w in windows(doc.tolist(), seq_len):
+            chunks.append(w)
+            owners.append(d)
     if not chunks:
         raise EvalError("no document has two or more tokens: nothing to predict")
     length = max(len(w) for w in chunks)
-    nll, count = 0.0, 0.0
+    doc_nll, doc_count, doc_windows = np.zeros(n_docs), np.zeros(n_docs), np.zeros(n_docs, np.int64)
     bar = _bar(len(chunks), "perplexity", progress)
     for a, b in _batches(len(chunks), batch_size):
         ids, seg = pad_rows(chunks[a:b], length, rows=batch_size)  # fixed shape: one compile
-        s, w = _nll_sums(model, params, jnp.asarray(ids), jnp.asarray(seg))
-        nll, count = nll + float(s), count + float(w)
+        s, w = _nll_rows(model, params, jnp.asarray(ids), jnp.asarray(seg))
+        s, w = np.asarray(s, np.float64)[: b - a], np.asarray(w, np.float64)[: b - a]
+        np.add.at(doc_nll, owners[a:b], s)
+        np.add.at(doc_count, owners[a:b], w)
+        np.add.at(doc_windows, owners[a:b], 1)
         bar.update(b - a)
     bar.close()
+    nll, count = float(doc_nll.sum()), float(doc_count.sum())
     mean = nll / count
-    return {"perplexity": float(np.exp(mean)), "nll": mean, "tokens": int(count), "windows": len(chunks)}
+    out = {"perplexity": float(np.exp(mean)), "nll": mean, "tokens": int(count), "windows": len(chunks)}
+    if per_document:
+        out["per_document"] = [{"nll_sum": float(s), "nll_mean": float(s / c) if c else None, "tokens": int(c),
+                                "windows": int(k)} for s, c, k in zip(doc_nll, doc_count, doc_windows)]
+    return out
 
 
 # --------------------------------------------------------------------- classification
@@ -459,7 +511,7 @@ def generate_texts(model, params, tokenizer, inputs: Sequence[Sequence[int]], *,
             row = list(row)
             if cfg.eos_token_id in row:
                 row = row[: row.index(cfg.eos_token_id)]
-            texts.append(tokenizer.decode([t for t in row if t != cfg.pad_token_id]))
+            texts.append(decode_known(tokenizer, [t for t in row if t != cfg.pad_token_id]))
         bar.update(b - a)
     bar.close()
     return texts
@@ -472,7 +524,7 @@ def generate_texts(model, params, tokenizer, inputs: Sequence[Sequence[int]], *,
 from zoo.data import read_jsonl  # noqa: E402
 
 
-__all__ = ["EvalError", "Pretrained", "load_pretrained", "find_tokenizer", "restore_params", "latest_checkpoint",
+__all__ = ["EvalError", "Pretrained", "load_pretrained", "find_tokenizer", "load_tokenizer", "check_vocab", "decode_known", "restore_params", "latest_checkpoint",
            "config_to_json", "config_from_json", "write_run_metadata", "is_hf_dir", "is_run_dir", "token_id",
            "frame", "pad_rows", "windows", "perplexity", "class_logits", "cross_entropy", "accuracy", "f1_score",
            "classification_metrics", "bleu", "rouge", "text_metrics", "generate_texts", "read_jsonl"]
