@@ -74,9 +74,11 @@ def test_a_refused_run_leaves_no_directory_behind(tmp_path, capsys):
 def test_relative_out_and_data_are_resolved_once(tmp_path, monkeypatch):
     (tmp_path / "corpus.txt").write_text("hello world\n" * 200)
     monkeypatch.chdir(tmp_path)
-    args = train.build_parser().parse_args(["--data", "corpus.txt", "--out", "runs/x", "--tokenizer", "t.model"])
+    args = train.build_parser().parse_args(["--data", "corpus.txt", "--out", "runs/x", "--tokenizer", "t.model",
+                                            "--init", "runs/classify", "--eval-data", "dev.jsonl"])
     train.resolve_paths(args)
     assert args.out == str(tmp_path / "runs" / "x")
+    assert args.init == str(tmp_path / "runs" / "classify") and args.eval_data == [str(tmp_path / "dev.jsonl")]
     assert args.data == [str(tmp_path / "corpus.txt")]
     assert args.tokenizer == str(tmp_path / "t.model")
     parsed = train.build_parser().parse_args(["--data", "stdlib", "synthetic"])
