@@ -280,10 +280,9 @@ def cmd_generate(args) -> int:
         rows.append(ids)
     ids, mask = pad_rows(rows, max(len(r) for r in rows))
     stop = cfg.eos_token_id if is_t5 else tok.eos_id
-    top_k = None if args.top_k is None else min(args.top_k, cfg.vocab_size)  # as transformers: at most all tokens
     t0 = time.time()
     new = zoo.generate(pre.model, pre.params, ids, mask, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=args.seed,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                        stop_tokens=() if stop is None else (stop,), num_return_sequences=args.num_return_sequences,
                        vocab_limit=tok.vocab_size)  # never sample an id the tokenizer cannot decode
     new = np.asarray(new)
