@@ -18,7 +18,7 @@ from flax import linen as nn
 import train
 import zoo
 import zoo.hf
-from zoo import moe
+from zoo.models.moe import model as moe
 from zoo.sharding import make_mesh
 
 from step_utils import assert_same_step, packed_batch, shard_shapes, single_and_sharded_step

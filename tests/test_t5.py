@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo.t5 import relative_position_buckets
+from zoo.models.t5.model import relative_position_buckets
 
 VOCAB = 256
 VARIANTS = ("v1.0", "v1.1", "v1.1-untied")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from zoo import registry
 from zoo.configs import PRESETS, GPT2Config, LlamaConfig, ModelConfig
 from zoo.generate import generate  # binds zoo.generate to the function, not the submodule
 
@@ -37,28 +38,7 @@ def config(name: str, **overrides) -> ModelConfig:
 
 def build(cfg: ModelConfig) -> nn.Module:
     """The flax.linen Module for a config (params are created by `init`, never held)."""
-    family = getattr(cfg, "family", None)
-    if family == "gpt2":
-        from zoo.gpt2 import GPT2
-
-        return GPT2(cfg)
-    if family == "llama":
-        from zoo.llama import Llama
-
-        return Llama(cfg)
-    if family == "bert":
-        from zoo.bert import build_bert
-
-        return build_bert(cfg)
-    if family == "t5":
-        from zoo.t5 import T5
-
-        return T5(cfg)
-    if family == "moe":
-        from zoo.moe import MoEDecoder
-
-        return MoEDecoder(cfg)
-    raise ValueError(f"no model family {family!r} for config {getattr(cfg, 'name', cfg)!r}")
+    return registry.of(cfg).build(cfg)
 
 
 def abstract_params(cfg: ModelConfig, seq_len: int = 8):

@@ -117,7 +117,7 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     top_k above it is clamped to it (as transformers clamps to the vocabulary).
     """
     if getattr(model, "cfg", None) is not None and getattr(model.cfg, "family", "") == "t5":
-        from zoo.t5 import generate as t5_generate  # encoder-decoder path
+        from zoo.models.t5.model import generate as t5_generate  # encoder-decoder path
 
         return t5_generate(model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens,

@@ -31,7 +31,7 @@ from flax import linen as nn
 
 from zoo.configs import MoEConfig
 from zoo.layers import ACTIVATIONS, DecoderBlock, Dense, default_init, param_with_axes
-from zoo.llama import Llama
+from zoo.models.llama.model import Llama
 from zoo.sharding import constrain
 
 AUX_LOSS_COLLECTION = "aux_loss"

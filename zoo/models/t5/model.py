@@ -21,7 +21,7 @@ import numpy as np
 from flax import linen as nn
 
 import kernels
-from zoo.bert import check_inputs, encoder_segment_ids
+from zoo.models.bert.model import check_inputs, encoder_segment_ids
 from zoo.configs import T5Config
 from zoo.layers import MLP, Dense, Embed, RMSNorm, default_init, param_with_axes, scan_layers
 from zoo.sharding import constrain

@@ -1,0 +1,1 @@
+"""The gpt2 family: model.py (flax module) and hf.py (HF weight table)."""

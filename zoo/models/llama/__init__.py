@@ -1,0 +1,1 @@
+"""The llama family: model.py (flax module) and hf.py (HF weight table)."""

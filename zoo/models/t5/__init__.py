@@ -1,0 +1,1 @@
+"""The t5 family: model.py (flax module) and hf.py (HF weight table)."""

@@ -1,0 +1,110 @@
+"""One record per model family. Every "which family is this" decision reads it.
+
+Adding a family means its own folder under zoo/models/ plus one `Family(...)` entry
+below; the trainer, the CLI, evaluation, generation, HF import/export and the
+contract test suite (tests/models/test_contract.py) find it here.
+
+    >>> from zoo import registry
+    >>> registry.of(zoo.config("tiny-llama")).kind
+    'decoder'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from zoo.configs import BertConfig, GPT2Config, LlamaConfig, ModelConfig, MoEConfig, T5Config
+from zoo.models.bert.model import build_bert
+from zoo.models.gpt2.model import GPT2
+from zoo.models.llama.model import Llama
+from zoo.models.moe.model import MoEDecoder
+from zoo.models.t5.model import T5
+
+KINDS = ("decoder", "encoder", "encoder-decoder")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the rest of the zoo needs to know about one model family."""
+
+    name: str  # the value of its config class's `family`
+    config_class: type[ModelConfig]
+    build: Callable[[ModelConfig], object]  # cfg -> flax.linen Module
+    kind: str  # one of KINDS
+    objectives: tuple[str, ...]  # objectives (zoo.objectives) that can train it; the first is its pretraining default
+    tasks: tuple[str, ...]  # train.py --task values it supports
+    eval_task: str | None  # what `python -m zoo eval --task auto` measures (None: depends on the head)
+    hf_architectures: tuple[str, ...]  # HF `architectures` names it imports/exports
+    learned_positions: bool = False  # absolute learned position table: prompt + new tokens must fit max_seq_len
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"family {self.name}: kind {self.kind!r} is not one of {KINDS}")
+        if self.config_class.family != self.name:
+            raise ValueError(f"family {self.name}: {self.config_class.__name__}.family is "
+                             f"{self.config_class.family!r}")
+
+    @property
+    def generates(self) -> bool:
+        """True when it produces text token by token (decoders and encoder-decoders)."""
+        return self.kind != "encoder"
+
+    @property
+    def causal_lm(self) -> bool:
+        """True for decoder-only LMs: sampling during training, perplexity evaluation."""
+        return self.kind == "decoder"
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    if family.name in FAMILIES:
+        raise ValueError(f"family {family.name!r} is registered twice")
+    FAMILIES[family.name] = family
+    return family
+
+
+def of(cfg_or_model) -> Family:
+    """The record for a config, a model (anything with `.cfg`) or a family name."""
+    if isinstance(cfg_or_model, str):
+        name = cfg_or_model
+    else:
+        cfg = getattr(cfg_or_model, "cfg", cfg_or_model)
+        name = getattr(cfg, "family", None)
+    if name not in FAMILIES:
+        raise ValueError(f"no model family {name!r} (known: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[name]
+
+
+def names(**where) -> tuple[str, ...]:
+    """Family names whose record matches every keyword, e.g. names(kind="decoder")."""
+    return tuple(n for n, f in FAMILIES.items() if all(getattr(f, k) == v for k, v in where.items()))
+
+
+def supporting(*, task: str | None = None, objective: str | None = None) -> tuple[str, ...]:
+    """Family names that support a train.py task and/or an objective."""
+    return tuple(n for n, f in FAMILIES.items()
+                 if (task is None or task in f.tasks) and (objective is None or objective in f.objectives))
+
+
+def by_architecture(arch: str) -> Family:
+    """The family that imports the HF class `arch` (ValueError naming the supported ones if none)."""
+    for f in FAMILIES.values():
+        if arch in f.hf_architectures:
+            return f
+    known = sorted(a for f in FAMILIES.values() for a in f.hf_architectures)
+    raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(known)}")
+
+
+register(Family("gpt2", GPT2Config, GPT2, kind="decoder", objectives=("clm",), tasks=("pretrain",),
+                eval_task="perplexity", hf_architectures=("GPT2LMHeadModel",), learned_positions=True))
+register(Family("llama", LlamaConfig, Llama, kind="decoder", objectives=("clm",), tasks=("pretrain",),
+                eval_task="perplexity", hf_architectures=LlamaConfig.ARCHITECTURES))
+register(Family("moe", MoEConfig, MoEDecoder, kind="decoder", objectives=("clm",), tasks=("pretrain",),
+                eval_task="perplexity", hf_architectures=MoEConfig.ARCHITECTURES))
+register(Family("bert", BertConfig, build_bert, kind="encoder", objectives=("mlm", "cls"),
+                tasks=("pretrain", "classify"), eval_task=None, hf_architectures=BertConfig.ARCHITECTURES))
+register(Family("t5", T5Config, T5, kind="encoder-decoder", objectives=("span", "seq2seq"),
+                tasks=("pretrain", "seq2seq"), eval_task="seq2seq", hf_architectures=("T5ForConditionalGeneration",)))
