@@ -14,6 +14,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from zoo.training.step import mesh_context
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -35,10 +37,8 @@ def time_train_steps(trainer, mesh, host_batches: list[dict], *, warmup: int, st
     The host batches are put on the devices once and alternated, so the timed loop does
     no host work; warm-up steps run first and everything is synchronised before timing.
     """
-    import train
-
     batches = [{k: jax.device_put(v, trainer.batch_sharding) for k, v in b.items()} for b in host_batches]
-    with train.mesh_context(mesh):
+    with mesh_context(mesh):
         state = trainer.init(jax.random.PRNGKey(seed))
         for i in range(warmup):
             state, metrics = trainer.step(state, batches[i % len(batches)])

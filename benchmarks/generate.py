@@ -16,8 +16,10 @@ import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 
+import zoo
 from benchmarks.common import device_info, markdown_table, write_json, RESULTS_DIR
 from zoo.argtypes import positive_int
 
@@ -43,11 +45,8 @@ def main(argv=None):
     p.add_argument("--name", default=None, help="result file stem (default generate_<platform>)")
     args = p.parse_args(argv)
 
-    import jax
-    import torch
+    import torch  # optional dependency: PyTorch is only needed for this comparison
     import transformers as tf
-
-    import zoo
 
     torch.manual_seed(0)
     hf_cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,

@@ -6,7 +6,7 @@ batch x seq_len synthetic tokens, AdamW with global-norm clipping, no dropout) i
 own subprocess, so each one's peak RSS (the kernel's ru_maxrss of that process,
 interpreter and libraries included) is its own:
 
-  zoo          train.make_trainer's step (the one train.py runs), jitted, donated
+  zoo          zoo.training's step (the one train.py runs), jitted, donated
   transformers AutoModelForCausalLM.from_config(zoo.hf.config_to_hf(cfg)), eager
                PyTorch, torch.optim.AdamW + clip_grad_norm_
   maxtext      maxtext.trainers.pre_train.train with hardware=cpu dataset_type=synthetic
@@ -44,7 +44,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, markdown_table, write_json
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from zoo.configs import GPT2Config, LlamaConfig
+from zoo.sharding import make_mesh
+from zoo.training.optimizer import OptimConfig
+from zoo.training.step import make_trainer
+
+from benchmarks.common import RESULTS_DIR, device_info, markdown_table, time_train_steps, write_json
 from zoo.argtypes import non_negative_int, positive_int
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,38 +70,26 @@ LR, CLIP = 1e-3, 1.0
 
 def peer_config(family: str):
     """The zoo config of the shared decoder for a family ("gpt2" or "llama")."""
-    from zoo.configs import GPT2Config, LlamaConfig
-
     cls = {"gpt2": GPT2Config, "llama": LlamaConfig}[family]
     return cls(name=f"peer-{family}", **SHAPES[family])
 
 
 def _batches(vocab: int, batch: int, seq_len: int, n: int = 2):
-    import numpy as np
-
     rng = np.random.default_rng(0)
     return [rng.integers(0, vocab, (batch, seq_len), dtype=np.int32) for _ in range(n)]
 
 
 def worker_zoo(family: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
-    """Our step: train.make_trainer on this host's one CPU device."""
-    import jax
-    import numpy as np
-
-    import train
-    from zoo.sharding import make_mesh
-
+    """Our step: zoo.training.step.make_trainer on this host's one CPU device."""
     cfg = peer_config(family)
     mesh = make_mesh("fsdp=-1", devices=jax.devices()[:1])
-    opt = train.OptimConfig(lr=LR, warmup_steps=0, decay_steps=steps + warmup, clip_norm=CLIP, weight_decay=0.0)
+    opt = OptimConfig(lr=LR, warmup_steps=0, decay_steps=steps + warmup, clip_norm=CLIP, weight_decay=0.0)
     t0 = time.perf_counter()
-    trainer = train.make_trainer(cfg, mesh, opt, batch_size=batch, seq_len=seq_len)
+    trainer = make_trainer(cfg, mesh, opt, batch_size=batch, seq_len=seq_len)
     compile_s = time.perf_counter() - t0
     pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()
     batches = [{"input_ids": ids, "segment_ids": np.ones_like(ids), "positions": pos}
                for ids in _batches(cfg.vocab_size, batch, seq_len)]
-    from benchmarks.common import time_train_steps
-
     state, metrics, elapsed = time_train_steps(trainer, mesh, batches, warmup=warmup, steps=steps)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     return dict(tokens_per_s=batch * seq_len * steps / elapsed, step_ms=1e3 * elapsed / steps, compile_s=compile_s,
@@ -104,7 +101,7 @@ def worker_torch(family: str, batch: int, seq_len: int, steps: int, warmup: int)
     import torch
     import transformers
 
-    from zoo.hf import config_to_hf
+    from zoo.hf.convert import config_to_hf  # local import: the torch worker's only zoo dependency
 
     cfg = peer_config(family)
     hf = config_to_hf(cfg)
@@ -259,10 +256,6 @@ def main(argv=None) -> dict | None:
         fn = worker_zoo if args.worker == "zoo" else worker_torch
         print(MARK + json.dumps(fn(args.family, args.batch_size, args.seq_len, args.steps, args.warmup)), flush=True)
         return None
-    from tqdm import tqdm
-
-    from benchmarks.common import device_info
-
     jobs = [(fw, fam) for fam in args.families for fw in args.frameworks if fw != "maxtext" or fam == "llama"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

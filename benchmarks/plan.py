@@ -1,6 +1,6 @@
 """AOT planner: will a training run fit a TPU slice? Answered on this CPU host, no TPU needed.
 
-The FULL train step of train.py (train.make_trainer: the same model, optimizer, jit,
+The FULL train step of train.py (zoo.training.step.make_trainer: the same model, optimizer, jit,
 shardings and donation as a real run) is lowered and compiled for a TPU topology
 described by libtpu (jax.experimental.topologies), then XLA's own memory analysis of
 the per-device program is read back:
@@ -30,264 +30,21 @@ v5p-N and v4-N count TensorCores (2 per chip): v5p-8 is 4 chips, v5p:2x2x1.
 from __future__ import annotations
 
 import argparse
-import functools
+import json
 import math
 import os
-import re
 import sys
-import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import jax
+from tqdm import tqdm
+
+import zoo
+from benchmarks.common import RESULTS_DIR, device_info, markdown_table, write_json
 from zoo.argtypes import positive_int
-
-GIB = 1024**3
-
-# HBM per chip (GiB). libtpu shows v4 as 2 devices per chip (one per TensorCore), each
-# with half the chip's HBM; the others as one device per chip.
-CHIP_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
-_GENERATION_OF_PREFIX = {"v4": "v4", "v5e": "v5e", "v5litepod": "v5e", "v5lite": "v5e", "v5p": "v5p", "v6e": "v6e"}
-# Cloud slice sizes -> chip grid. 3D tori (v4, v5p) grow z, then y, then x; 2D (v5e, v6e) alternate.
-_GRID_3D = {1: "1x1x1", 2: "1x2x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-            256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
-_GRID_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-
-
-class PlanError(ValueError):
-    """A plan that cannot be made (bad topology, mesh, batch): one line, before compiling."""
-
-
-def canonical_topology(name: str) -> str:
-    """libtpu's GENERATION:SHAPE name for a topology or Cloud slice name ("v5p-8" -> "v5p:2x2x1")."""
-    name = name.strip().lower()
-    m = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod|v5lite):(\d+(?:x\d+)+)", name)
-    if m:
-        return f"{_GENERATION_OF_PREFIX[m.group(1)]}:{m.group(2)}"
-    m = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod)-(\d+)", name)
-    if not m:
-        raise PlanError(f"unknown TPU topology {name!r}: expected e.g. v5p:2x2x1, v5e:4x4, v6e:2x2 or v5p-8")
-    generation, count = _GENERATION_OF_PREFIX[m.group(1)], int(m.group(2))
-    if generation in ("v4", "v5p"):
-        if count % 2 or count // 2 not in _GRID_3D:
-            raise PlanError(f"{name}: {generation}-N counts TensorCores (2 per chip); N must be 2 * one of "
-                            f"{sorted(_GRID_3D)}")
-        return f"{generation}:{_GRID_3D[count // 2]}"
-    if count not in _GRID_2D:
-        raise PlanError(f"{name}: {generation} slices have one of {sorted(_GRID_2D)} chips")
-    return f"{generation}:{_GRID_2D[count]}"
-
-
-@functools.lru_cache(maxsize=None)
-def topology_devices(name: str) -> tuple:
-    """The abstract TPU devices of a topology, from libtpu (cached: one description per name)."""
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # tests and the user's run may share a host
-    from jax.experimental import topologies
-
-    canonical = canonical_topology(name)
-    try:
-        return tuple(topologies.get_topology_desc(platform="tpu", topology_name=canonical).devices)
-    except Exception as e:  # libtpu missing, or a shape it does not know
-        raise PlanError(f"libtpu cannot describe topology {canonical}: {str(e).splitlines()[0][:200]} "
-                        "(pip install libtpu)") from None
-
-
-def chip_info(name: str) -> dict:
-    """Generation, device kind, devices per chip, HBM and peak bf16 FLOP/s per device of a topology."""
-    import train
-
-    canonical = canonical_topology(name)
-    generation = canonical.split(":")[0]
-    devices = topology_devices(canonical)
-    chips = len({tuple(d.coords) for d in devices})
-    per_chip = len(devices) // chips
-    kind = devices[0].device_kind
-    peak = next((flops for sub, flops in train.PEAK_FLOPS if sub.lower() in kind.lower()), None)
-    return {"topology": canonical, "generation": generation, "device_kind": kind, "devices": len(devices),
-            "chips": chips, "devices_per_chip": per_chip, "hbm_bytes_per_chip": CHIP_HBM_GIB[generation] * GIB,
-            "hbm_bytes_per_device": CHIP_HBM_GIB[generation] * GIB // per_chip,
-            "peak_flops_per_device": peak / per_chip if peak else None}
-
-
-def _local_info() -> dict:
-    """chip_info's fields for this host's own devices (capacity from memory_stats where exposed)."""
-    import jax
-
-    import train
-
-    devices = jax.devices()
-    stats = devices[0].memory_stats() or {}
-    kind = devices[0].device_kind
-    peak = next((flops for sub, flops in train.PEAK_FLOPS if sub.lower() in kind.lower()), None)
-    return {"topology": f"local {devices[0].platform}", "generation": devices[0].platform, "device_kind": kind,
-            "devices": len(devices), "chips": len(devices), "devices_per_chip": 1,
-            "hbm_bytes_per_chip": stats.get("bytes_limit"), "hbm_bytes_per_device": stats.get("bytes_limit"),
-            "peak_flops_per_device": peak}
-
-
-def _mesh_text(mesh) -> str:
-    shape = {k: v for k, v in mesh.shape.items() if v > 1}
-    return ",".join(f"{k}={v}" for k, v in shape.items()) or "single device"
-
-
-def plan(cfg, topology: str | None, *, mesh: str = "fsdp=-1", batch_size: int, seq_len: int,
-         objective: str = "clm", grad_accum: int = 1, z_loss: float = 0.0, opt=None) -> dict:
-    """AOT-compiles train.py's step for `topology` (None: this host's devices) and reports memory and FLOPs.
-
-    Returns a dict with the per-device memory components (bytes), `hbm_bytes` (arguments
-    + outputs + temporaries - aliased), `capacity_bytes`, `fits`, analytic and
-    XLA-counted FLOPs, the compile time and the parameter count. Raises PlanError for
-    inputs that cannot work, before compiling.
-    """
-    import jax
-
-    import train
-    from zoo import objectives
-    from zoo.sharding import check_divisible, make_mesh
-
-    info = chip_info(topology) if topology else _local_info()
-    devices = list(topology_devices(topology)) if topology else jax.devices()
-    try:
-        obj = objectives.get(objective)
-        if obj.families and cfg.family not in obj.families:
-            raise PlanError(f"objective {objective} trains {', '.join(obj.families)} models, not {cfg.family}")
-        if seq_len > cfg.max_seq_len:
-            raise PlanError(f"seq_len {seq_len} exceeds max_seq_len={cfg.max_seq_len} of model {cfg.name!r}")
-        the_mesh = make_mesh(mesh, devices=devices)
-        check_divisible(cfg, the_mesh)
-    except PlanError:
-        raise
-    except ValueError as e:
-        raise PlanError(str(e)) from None
-    shards = the_mesh.shape["data"] * the_mesh.shape["fsdp"] * the_mesh.shape["expert"]
-    if batch_size % grad_accum or (batch_size // grad_accum) % shards:
-        raise PlanError(f"batch {batch_size} / grad_accum {grad_accum} does not split over the {shards} batch "
-                        f"shards (data*fsdp*expert) of mesh {_mesh_text(the_mesh)}")
-    if the_mesh.shape["sequence"] > 1 and seq_len % the_mesh.shape["sequence"]:
-        raise PlanError(f"mesh axis sequence={the_mesh.shape['sequence']} does not divide seq_len {seq_len}")
-
-    n = len(devices)
-    capacity = info["hbm_bytes_per_device"]
-    flops_step = cfg.flops_per_token(seq_len) * batch_size * seq_len
-    peak = info["peak_flops_per_device"]
-    result = {
-        "model": cfg.name, "remat": cfg.remat, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-        "topology": info["topology"], "device_kind": info["device_kind"], "devices": n, "chips": info["chips"],
-        "mesh": _mesh_text(the_mesh), "batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum,
-        "objective": objective, "capacity_bytes": capacity,
-        "flops_per_step": flops_step, "flops_per_device": flops_step / n, "peak_flops_per_device": peak,
-        "step_s_at_peak": flops_step / n / peak if peak else None,
-    }
-    t0 = time.time()
-    try:
-        trainer = train.make_trainer(cfg, the_mesh, opt or train.OptimConfig(), objective=objective,
-                                     batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, z_loss=z_loss)
-    except jax.errors.JaxRuntimeError as e:
-        # The TPU compiler refuses a program that cannot fit, naming the HBM it needs per device
-        # (its figure is the whole program's: a plan that compiles to arguments + temporaries of
-        # X GiB is refused on a smaller chip with "temporaries X GiB").
-        oom = _compiler_oom(str(e))
-        if oom is None:
-            raise
-        import zoo
-
-        n_params = zoo.param_count(cfg)
-        result.update(status="compiler OOM", params=n_params, compile_s=time.time() - t0,
-                      hbm_bytes=oom["required"], compiler_available_bytes=oom["available"],
-                      state_bytes_per_device=3 * n_params * jnp_itemsize(cfg.param_dtype) / n,  # even shards
-                      fits=False, message=oom["message"])
-        return result
-    compile_s = time.time() - t0
-    mem = trainer.step.memory_analysis()
-    cost = trainer.step.cost_analysis()
-    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-    hbm = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-           - mem.alias_size_in_bytes)
-    result.update(
-        status="compiled", compile_s=compile_s,
-        params=sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"])),
-        # the train state one device holds: each leaf's shard (replicated leaves count whole)
-        state_bytes_per_device=sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                                   for x in jax.tree.leaves(trainer.abstract_state)),
-        argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
-        temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
-        generated_code_bytes=mem.generated_code_size_in_bytes, hbm_bytes=hbm,
-        fits=None if capacity is None else bool(hbm <= capacity),
-        xla_flops_per_device=cost.get("flops"))
-    return result
-
-
-def jnp_itemsize(dtype: str) -> int:
-    """Bytes per element of a dtype name."""
-    import numpy as np
-
-    return 2 if dtype in ("bfloat16", "float16") else np.dtype(dtype).itemsize
-
-
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50, "E": 2**60}
-
-
-def _compiler_oom(message: str) -> dict | None:
-    """Required and available bytes from an XLA:TPU compile-time HBM OOM message (None if it is not one)."""
-    if "RESOURCE_EXHAUSTED" not in message:
-        return None
-    size = r"([\d.]+)([KMGTPE]?)(?:i?B)?"
-    for pattern in (r"required for HLO temporaries \(" + size + r"\) exceeds available HBM \(" + size + r"\)",
-                    r"Requires " + size + r", has " + size + r" available",
-                    r"Used " + size + r" of " + size + r" hbm"):
-        m = re.search(pattern, message)
-        if m:
-            req = float(m.group(1)) * _UNITS[m.group(2)]
-            avail = float(m.group(3)) * _UNITS[m.group(4)]
-            line = next((l for l in message.splitlines() if "RESOURCE_EXHAUSTED" in l), message)[:300]
-            return {"required": int(req), "available": int(avail), "message": line.strip()}
-    return None
-
-
-def plan_with_remat(cfg, topology, remat: str, **kwargs) -> dict:
-    """plan(), with remat "auto" trying none, dots, full in turn and keeping the first that fits."""
-    if remat != "auto":
-        return plan(cfg.replace(remat=remat) if remat else cfg, topology, **kwargs)
-    result = None
-    for policy in ("none", "dots", "full"):
-        result = plan(cfg.replace(remat=policy), topology, **kwargs)
-        if result["fits"] is not False:
-            break
-    return result
-
-
-def format_plan(r: dict) -> str:
-    """The human-readable report of one plan()."""
-    small = (r.get("hbm_bytes") or 0) < GIB / 10
-    g = lambda b: f"{b / 2**20:.2f} MiB" if small else f"{b / GIB:.2f} GiB"  # noqa: E731
-    size = f"{r['params'] / 1e9:.3g}B" if r["params"] >= 1e9 else f"{r['params'] / 1e6:.3g}M"
-    lines = [f"{r['model']} ({size} params, {r['dtype']} compute, {r['param_dtype']} master) on "
-             f"{r['topology']}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}",
-             f"  batch {r['batch_size']} x {r['seq_len']} tokens, grad_accum {r['grad_accum']}, remat {r['remat']}; "
-             f"step compiled in {r['compile_s']:.1f}s"]
-    if r["status"] == "compiler OOM":
-        lines.append(f"  the TPU compiler refused it: the program needs {g(r['hbm_bytes'])} per device, "
-                     f"{g(r['compiler_available_bytes'])} available (train state ~{g(r['state_bytes_per_device'])}"
-                     f"/device) -> DOES NOT FIT")
-    else:
-        lines.append(f"  per-device HBM {g(r['hbm_bytes'])} = arguments {g(r['argument_bytes'])} + outputs "
-                     f"{g(r['output_bytes'])} + temporaries {g(r['temp_bytes'])} - aliased {g(r['alias_bytes'])} "
-                     f"(train state {g(r['state_bytes_per_device'])}/device)")
-        if r["capacity_bytes"]:
-            verdict = "FITS" if r["fits"] else "DOES NOT FIT"
-            lines.append(f"  capacity {r['capacity_bytes'] / GIB:.2f} GiB/device -> {verdict} "
-                         f"({100 * r['hbm_bytes'] / r['capacity_bytes']:.0f}% used)")
-        else:
-            lines.append("  capacity unknown for this device: no verdict")
-    if r["fits"] is False and r["remat"] != "full":
-        lines.append("  (try --remat full, a larger slice, or a smaller batch)")
-    xla = f"; XLA's cost analysis counts {r['xla_flops_per_device'] / 1e12:.4g} TFLOP (each loop body once)" \
-        if r.get("xla_flops_per_device") else ""
-    lines.append(f"  FLOPs per step per device {r['flops_per_device'] / 1e12:.4g} TFLOP analytic{xla}")
-    if r["step_s_at_peak"]:
-        tps = r["batch_size"] * r["seq_len"] / r["step_s_at_peak"]
-        lines.append(f"  at 100% of {r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s/device: step "
-                     f"{r['step_s_at_peak']:.3g}s, {tps:,.0f} tokens/s (at 50% MFU: twice the time)")
-    return "\n".join(lines)
-
+from zoo.configs import DTYPES, REMAT_POLICIES
+from zoo.training.plan import GIB, PlanError, canonical_topology, format_plan, plan, plan_with_remat
 
 # ------------------------------------------------------------------------------- the table
 
@@ -332,11 +89,6 @@ def _table_row(r: dict) -> dict:
 
 def run_table(rows=TABLE, *, presets=None, topologies=None, out_dir=None) -> dict:
     """Plans every row (skipping presets zoo does not have) and writes plan_tpu.json + .md."""
-    from tqdm import tqdm
-
-    import zoo
-    from benchmarks.common import RESULTS_DIR
-
     chosen = [r for r in rows if (not presets or r[0] in presets)
               and (not topologies or canonical_topology(r[1]) in {canonical_topology(t) for t in topologies})]
     known = set(zoo.list_models())
@@ -357,10 +109,6 @@ def run_table(rows=TABLE, *, presets=None, topologies=None, out_dir=None) -> dic
 
 def write_table(results: list[dict], out_dir=None) -> dict:
     """Writes plan_tpu.json (every field of every plan) and plan_tpu.md (the README table)."""
-    import jax
-
-    from benchmarks.common import RESULTS_DIR, device_info, markdown_table, write_json
-
     payload = {"host": device_info(), "libtpu": _libtpu_version(), "jax_version": jax.__version__,
                "memory": "per device: arguments + outputs + temporaries - aliased (XLA memory_analysis)",
                "flops": "analytic 6*matmul params + 12*layers*heads*head_dim*attended keys (seq/2 causal) per token, "
@@ -373,63 +121,16 @@ def write_table(results: list[dict], out_dir=None) -> dict:
 
 def _libtpu_version() -> str | None:
     try:
-        from importlib.metadata import version
-
         return version("libtpu")
-    except Exception:  # not installed under that distribution name
+    except PackageNotFoundError:  # not installed under that distribution name
         return None
 
 
 # ------------------------------------------------------------------------------ the CLIs
 
 
-class _ImpliesCompileOnly(argparse.Action):
-    """--topology sets --compile-only too: nothing can train on an abstract topology."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        namespace.compile_only = True
-
-
-def add_train_arguments(parser) -> None:
-    """Adds the planner's flags (--compile-only, --topology) to train.py's parser."""
-    g = parser.add_argument_group("planning (AOT compile, no hardware needed; see benchmarks/plan.py)")
-    g.add_argument("--compile-only", action="store_true",
-                   help="compile the train step for --topology (or this host's devices) and report per-device "
-                        "memory against capacity, FLOPs and whether it fits; nothing is trained or written")
-    g.add_argument("--topology", default=None, action=_ImpliesCompileOnly,
-                   help="TPU topology to compile for through libtpu, e.g. v5p:2x2x1 (= v5p-8), v5e:4x4, v6e:2x2; "
-                        "implies --compile-only")
-
-
-def compile_only(args) -> dict | int:
-    """train.py --compile-only: plans the run train.py's flags describe (exit status 2 on bad flags)."""
-    import train
-
-    overrides = {k: v for k, v in (("dtype", args.dtype), ("param_dtype", args.param_dtype),
-                                   ("remat", args.remat)) if v is not None}
-    try:
-        cfg = train.load_model_config(args.model, overrides)
-        if args.vocab_size is not None:
-            if not str(args.vocab_size).isdigit() or int(args.vocab_size) <= 0:
-                raise PlanError("--compile-only takes a numeric --vocab-size (no tokenizer is loaded)")
-            cfg = cfg.replace(vocab_size=int(args.vocab_size))
-        opt = train.OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, decay_steps=args.decay_steps or args.steps,
-                                min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, b1=args.b1,
-                                b2=args.b2, eps=args.eps, clip_norm=args.clip_norm)
-        result = plan(cfg, args.topology, mesh=args.mesh, batch_size=args.batch_size, seq_len=args.seq_len,
-                      objective=args.objective, grad_accum=args.grad_accum, z_loss=args.z_loss, opt=opt)
-    except (train.UsageError, PlanError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    print(format_plan(result))
-    return result
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Flags of `python -m benchmarks.plan`."""
-    from zoo.configs import DTYPES, REMAT_POLICIES
-
     p = argparse.ArgumentParser(prog="python -m benchmarks.plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3.1-8b", help="a zoo preset (default: %(default)s)")
@@ -458,10 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     """CLI entry point: one plan (printed), or --table."""
-    import json
-
-    import zoo
-
     args = build_parser().parse_args(argv)
     try:
         if args.table:

@@ -1,6 +1,6 @@
 """Training throughput across model sizes: tokens/s, MFU, peak device memory, compile time.
 
-Every figure is train.py's own step (train.make_trainer: the one shared, sharded,
+Every figure is train.py's own step (zoo.training.step.make_trainer: the one shared, sharded,
 donating step) on synthetic tokens (uniform random ids, one document per row), over
 the local devices with --mesh (default fsdp=-1).
 
@@ -11,7 +11,7 @@ the local devices with --mesh (default fsdp=-1).
                 flops_per_token = 6 * matmul params + 12 * layers * heads * head_dim * keys,
                 keys = seq_len / 2 for causal attention (MaxText/FlashAttention convention)
                 (as train.py logs it); the peak comes from
-                train.peak_flops_per_device: the vendor dense bf16 figure on GPU/TPU, a
+                zoo.training.metrics.peak_flops_per_device: the vendor dense bf16 figure on GPU/TPU, a
                 float32 matmul measured on this host on CPU (so CPU MFU is relative to
                 what XLA's CPU matmul reaches here, not to a datasheet)
     memory    = GPU/TPU: peak_bytes_in_use of the device allocator after the run (max
@@ -32,8 +32,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+import zoo
+from zoo import data
+from zoo.sharding import make_mesh
+from zoo.training.metrics import peak_flops_per_device
+from zoo.training.optimizer import OptimConfig
+from zoo.training.step import make_trainer
 
 from benchmarks.common import RESULTS_DIR, device_info, markdown_table, time_train_steps, write_json
 from zoo.argtypes import non_negative_int, positive_int
@@ -46,8 +58,6 @@ TABLE_COLUMNS = ["model", "params_m", "devices", "batch", "seq_len", "dtype", "t
 
 def _device_capacity(devices) -> int | None:
     """Bytes one device can hold (accelerator allocator limit; CPU: physical RAM over local devices)."""
-    import os
-
     stats = devices[0].memory_stats() or {}
     if stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
@@ -59,16 +69,10 @@ def _device_capacity(devices) -> int | None:
 
 def measure(cfg, mesh, *, batch_size: int, seq_len: int, steps: int, warmup: int, peak: float, seed: int = 0) -> dict:
     """Compiles train.py's step for `cfg` on `mesh`, runs it on synthetic tokens, returns the figures."""
-    import jax
-    import numpy as np
-
-    import train
-    from zoo import data
-
     devices = mesh.devices.flatten().tolist()
-    opt = train.OptimConfig(warmup_steps=0, decay_steps=max(steps + warmup, 1))
+    opt = OptimConfig(warmup_steps=0, decay_steps=max(steps + warmup, 1))
     t0 = time.perf_counter()
-    trainer = train.make_trainer(cfg, mesh, opt, batch_size=batch_size, seq_len=seq_len)
+    trainer = make_trainer(cfg, mesh, opt, batch_size=batch_size, seq_len=seq_len)
     compile_s = time.perf_counter() - t0
     mem = trainer.step.memory_analysis()
     compiled_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
@@ -160,13 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     """Measures every model, prints the table and writes <name>.json, .png and .md."""
-    import jax
-    from tqdm import tqdm
-
-    import train
-    import zoo
-    from zoo.sharding import make_mesh
-
     args = build_parser().parse_args(argv)
     platform = jax.devices()[0].platform
     cpu = platform == "cpu"
@@ -175,7 +172,7 @@ def main(argv=None) -> dict:
     seq_len = args.seq_len or (128 if cpu else 1024)
     steps = args.steps or (3 if cpu else 20)
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
-    peak, peak_source = train.peak_flops_per_device(args.peak_flops)
+    peak, peak_source = peak_flops_per_device(args.peak_flops)
     mesh = make_mesh(args.mesh, devices=jax.devices()[: args.devices] if args.devices else None)
     rows = []
     for name in tqdm(models, desc="models", unit="model", dynamic_ncols=True):

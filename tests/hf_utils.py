@@ -1,6 +1,8 @@
-"""Tiny random Hugging Face checkpoints built locally (no downloads) for parity tests.
+"""Tiny random Hugging Face checkpoints built locally (no downloads), the inputs each model
+kind takes, and the checks every family's checkpoints share (damaged tensors, atomic export).
 
-Import only from tests marked `torch`: it imports torch and transformers.
+The tables are plain data, importable without PyTorch; the functions that build or run a
+PyTorch model import torch/transformers themselves and belong to tests marked `torch`.
 """
 
 from __future__ import annotations
@@ -8,55 +10,115 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import transformers
+
+import zoo
+import zoo.hf.convert
+from zoo.hf.rules import CheckpointError
+from zoo.paths import OutputError
 
 VOCAB, HIDDEN, LAYERS, HEADS, FFN = 256, 64, 2, 4, 128
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                intermediate_size=FFN, max_position_embeddings=128)
+_MOE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            num_key_value_heads=2, max_position_embeddings=128, num_experts_per_tok=2)
+_BERT = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+             intermediate_size=FFN, max_position_embeddings=64, type_vocab_size=3, num_labels=3)
+# Few buckets and a short max_distance, so that short test sequences reach the logarithmic
+# buckets; the decoder is deeper than the encoder to catch mix-ups.
+_T5 = dict(vocab_size=VOCAB, d_model=HIDDEN, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=3, num_heads=HEADS,
+           relative_attention_num_buckets=12, relative_attention_max_distance=20, decoder_start_token_id=0)
+_DECODER_KEY = "model.layers.1.self_attn.k_proj.weight"  # [K*H, D] = [32, 64]
+_BERT_KEY = "encoder.layer.1.attention.self.key.weight"
 
-# name -> (config class, model class, config kwargs). Each exercises its family's switch.
-FAMILIES = {
-    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel,
-             dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=128,
-                  bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)),
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-              dict(**_COMMON, num_key_value_heads=2, rope_theta=500000.0,
-                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                     original_max_position_embeddings=16))),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
-                dict(**_COMMON, num_key_value_heads=2, sliding_window=4)),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
-              dict(**_COMMON, num_key_value_heads=2, tie_word_embeddings=True)),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
-              dict(**_COMMON, num_key_value_heads=2, head_dim=32)),
-    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM,
-              dict(**_COMMON, num_key_value_heads=1, head_dim=32)),
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """How to build one tiny HF checkpoint: the transformers class `arch` (config.json's
+    `architectures`) from `config` (a transformers config class name) with `kwargs`."""
+
+    arch: str
+    config: str
+    kwargs: dict = field(default_factory=dict)
+    damage_key: str = _DECODER_KEY  # the tensor the damaged-checkpoint checks break
+    matrix_std: float = 0.08  # std of the redrawn weights with 2+ axes
+    norm_base: float = 1.0  # where 1-D weights (norm scales) are centred; 0 for Gemma's (1 + w)
+    untie: bool = False  # give T5 its own lm_head (transformers 5 always ties), as Flan-T5 has
+    not_exported: tuple[str, ...] = ()  # buffers a checkpoint may hold that the export leaves out
+
+
+# name -> checkpoint. Every HF architecture in zoo.registry has at least one; each variant
+# exercises its family's switches (sliding window, qkv bias, qk norm, T5 v1.0/v1.1, heads).
+CHECKPOINTS: dict[str, Checkpoint] = {
+    "gpt2": Checkpoint("GPT2LMHeadModel", "GPT2Config",
+                       dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=128,
+                            bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1),
+                       damage_key="transformer.h.1.attn.c_attn.weight"),
+    "llama": Checkpoint("LlamaForCausalLM", "LlamaConfig",
+                        dict(**_COMMON, num_key_value_heads=2, rope_theta=500000.0,
+                             rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "mistral": Checkpoint("MistralForCausalLM", "MistralConfig", dict(**_COMMON, num_key_value_heads=2,
+                                                                      sliding_window=4)),
+    "qwen2": Checkpoint("Qwen2ForCausalLM", "Qwen2Config", dict(**_COMMON, num_key_value_heads=2,
+                                                                tie_word_embeddings=True)),
+    "qwen3": Checkpoint("Qwen3ForCausalLM", "Qwen3Config", dict(**_COMMON, num_key_value_heads=2, head_dim=32)),
+    "gemma": Checkpoint("GemmaForCausalLM", "GemmaConfig", dict(**_COMMON, num_key_value_heads=1, head_dim=32),
+                        norm_base=0.0),
+    "mixtral": Checkpoint("MixtralForCausalLM", "MixtralConfig",
+                          dict(**_MOE, intermediate_size=96, num_local_experts=4)),
+    # HF's default norm_topk_prob=False: the kept probabilities are not renormalised
+    "qwen3_moe": Checkpoint("Qwen3MoeForCausalLM", "Qwen3MoeConfig",
+                            dict(**_MOE, intermediate_size=128, moe_intermediate_size=48, num_experts=4,
+                                 head_dim=32)),
+    "bert": Checkpoint("BertModel", "BertConfig", _BERT, damage_key=_BERT_KEY,
+                       not_exported=("embeddings.position_ids",)),
+    "bert-mlm": Checkpoint("BertForMaskedLM", "BertConfig", _BERT, damage_key="bert." + _BERT_KEY,
+                           not_exported=("bert.embeddings.position_ids",)),
+    "bert-cls": Checkpoint("BertForSequenceClassification", "BertConfig", _BERT, damage_key="bert." + _BERT_KEY,
+                           not_exported=("bert.embeddings.position_ids",)),
+    "t5-v1.0": Checkpoint("T5ForConditionalGeneration", "T5Config",
+                          dict(**_T5, feed_forward_proj="relu", tie_word_embeddings=True),
+                          damage_key="decoder.block.2.layer.1.EncDecAttention.k.weight", matrix_std=0.15),
+    # tied but unscaled, as transformers 5 saves v1.1 models
+    "t5-v1.1": Checkpoint("T5ForConditionalGeneration", "T5Config",
+                          dict(**_T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+                          damage_key="decoder.block.2.layer.1.EncDecAttention.k.weight", matrix_std=0.15),
+    "t5-v1.1-untied": Checkpoint("T5ForConditionalGeneration", "T5Config",
+                                 dict(**_T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+                                 damage_key="decoder.block.2.layer.1.EncDecAttention.k.weight", matrix_std=0.15,
+                                 untie=True),
 }
 
 
-def make_model(family: str, seed: int = 0, **overrides):
-    """A seeded random float32 HF model of `family`, eager attention, in eval mode.
+def make_model(name: str, seed: int = 0, **overrides):
+    """A seeded random float32 HF model of checkpoint `name`, eager attention, in eval mode.
 
     Weights are re-drawn at a larger scale than HF's init (std 0.02) and norms are
-    perturbed away from 1 so that every tensor visibly matters in the parity checks.
+    perturbed away from their centre so that every tensor visibly matters in the parity checks.
     """
-    config_cls, model_cls, kwargs = FAMILIES[family]
-    config = config_cls(**{**kwargs, **overrides})
+    import torch
+    import transformers
+
+    spec = CHECKPOINTS[name]
+    config = getattr(transformers, spec.config)(**{**spec.kwargs, **overrides})
     config._attn_implementation = "eager"  # eager masks apply Mistral's sliding window
     torch.manual_seed(seed)
-    model = model_cls(config).float().eval()
+    model = getattr(transformers, spec.arch)(config).float().eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        if spec.untie:
+            model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.shared.weight))
+            model.config.tie_word_embeddings = False
+        for key, p in model.named_parameters():
             if p.ndim == 1:
-                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if "bias" in name or family == "gemma" else 1.0))
+                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if "bias" in key else spec.norm_base))
             else:
-                p.copy_(torch.randn_like(p) * 0.08)
+                p.copy_(torch.randn_like(p) * spec.matrix_std)
     return model
 
 
@@ -86,12 +148,42 @@ def random_batch(batch: int, length: int, seed: int = 0, pad: bool = False, side
     return ids, mask
 
 
-def torch_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Logits [B, T, V] from the PyTorch model, float32 numpy."""
+def model_inputs(kind: str, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Batches (HF keyword -> int64 array) for a registry kind, the hardest last.
+
+    decoder: [3, 12] unpadded, right-padded, then left-padded (row b keeps 12 - 2b tokens).
+    encoder: [3, 12] right-padded (row b keeps 12 - 3b tokens) with token types in {0, 1, 2}.
+    encoder-decoder: encoder ids [3, 11] and decoder ids [3, 9], both right-padded per row.
+    """
+    rng = np.random.default_rng(seed)
+    if kind == "decoder":
+        return [dict(zip(("input_ids", "attention_mask"), random_batch(3, 12, seed=seed, pad=pad, side=side)))
+                for pad, side in ((False, "left"), (True, "right"), (True, "left"))]
+    if kind == "encoder":
+        ids, mask = rng.integers(1, VOCAB, size=(3, 12)), np.ones((3, 12), np.int64)
+        mask[1, 9:], mask[2, 6:] = 0, 0
+        return [dict(input_ids=ids, attention_mask=mask, token_type_ids=rng.integers(0, 3, size=(3, 12)))]
+    if kind == "encoder-decoder":
+        ids, dec = rng.integers(2, VOCAB, size=(3, 11)), rng.integers(2, VOCAB, size=(3, 9))
+        mask, dec_mask = np.ones_like(ids), np.ones_like(dec)
+        mask[1, 7:], mask[2, 4:], dec_mask[1, 5:], dec_mask[2, 2:] = 0, 0, 0, 0
+        return [dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)]
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def torch_outputs(model, inputs: dict[str, np.ndarray], **kwargs) -> list[np.ndarray]:
+    """Every tensor the PyTorch model returns (logits or last_hidden_state first), float32 numpy."""
+    import torch
+
     with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids),
-                    attention_mask=None if mask is None else torch.from_numpy(mask))
-    return out.logits.float().numpy()
+        out = model(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}, **kwargs)
+    return [v.float().numpy() for v in out.values() if isinstance(v, torch.Tensor)]
+
+
+def torch_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Logits [B, T, V] from a PyTorch causal LM, float32 numpy."""
+    inputs = {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
+    return torch_outputs(model, inputs)[0]
 
 
 # --- damaged checkpoints: the same error checks for every family --------------------------
@@ -157,18 +249,18 @@ def damage(path: Path, kind: str, key: str) -> list[str]:
 def check_damaged_checkpoint(src: Path, tmp_path: Path, kind: str, key: str) -> None:
     """A copy of checkpoint `src` with tensor `key` damaged (see `damage`) fails to load
     with a CheckpointError naming the file and the tensor."""
-    import zoo
-    import zoo.hf
-
     path = copy_checkpoint(src, tmp_path / f"damaged-{kind}")
     needles = damage(path, kind, key)
     try:
         zoo.from_hf(path)
-    except zoo.hf.CheckpointError as e:
+    except CheckpointError as e:
         missing = [n for n in needles if n not in str(e)]
         assert not missing, f"{kind}: {missing} not in the error {str(e)!r}"
     else:
         raise AssertionError(f"{kind}: a damaged checkpoint loaded without an error")
+
+
+EXPORTED_FILES = ["config.json", "generation_config.json", "model.safetensors"]
 
 
 def check_to_hf_is_atomic(model, params, tmp_path: Path, monkeypatch) -> None:
@@ -176,11 +268,7 @@ def check_to_hf_is_atomic(model, params, tmp_path: Path, monkeypatch) -> None:
     half-written target nor a temporary dir, and an existing empty target as it was; a dir
     with files in it is refused before any work and left untouched; a later successful
     export fills the empty target."""
-    import zoo
-    import zoo.hf
-    from zoo.paths import OutputError
-
-    real = zoo.hf._hf_tensor
+    real = zoo.hf.convert._hf_tensor
     calls = {"n": 0}
 
     def fail_midway(*args):
@@ -189,7 +277,7 @@ def check_to_hf_is_atomic(model, params, tmp_path: Path, monkeypatch) -> None:
             raise OSError("disk full (simulated)")
         return real(*args)
 
-    monkeypatch.setattr(zoo.hf, "_hf_tensor", fail_midway)
+    monkeypatch.setattr(zoo.hf.convert, "_hf_tensor", fail_midway)
     root = tmp_path / "atomic"
     root.mkdir()
     with pytest.raises(OSError, match="simulated"):
@@ -213,7 +301,7 @@ def check_to_hf_is_atomic(model, params, tmp_path: Path, monkeypatch) -> None:
     assert os.listdir(existing) == ["config.json"] and (existing / "config.json").read_text() == "old"
 
     (existing / "config.json").unlink()
-    monkeypatch.setattr(zoo.hf, "_hf_tensor", real)  # a successful export fills the empty dir
+    monkeypatch.setattr(zoo.hf.convert, "_hf_tensor", real)  # a successful export fills the empty dir
     zoo.to_hf(model, params, existing)
     assert os.listdir(root) == ["existing"]
-    assert sorted(os.listdir(existing)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(os.listdir(existing)) == EXPORTED_FILES

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from zoo.training import finetune, plan, pretrain
+
 
 def snapshot(directory) -> dict[str, bytes]:
     """Every file under `directory` (relative path -> bytes): compare before and after a refusal."""
@@ -16,9 +18,8 @@ def snapshot(directory) -> dict[str, bytes]:
 @pytest.fixture
 def no_compile(monkeypatch):
     """Fails the test if train.py gets as far as compiling its step (bad input must stop it first)."""
-    import train
-
     def fail(*a, **k):
         raise AssertionError("compiled despite bad input")
 
-    monkeypatch.setattr(train, "make_trainer", fail)
+    for module in (pretrain, finetune, plan):
+        monkeypatch.setattr(module, "make_trainer", fail)

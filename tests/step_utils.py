@@ -5,13 +5,14 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-import train
 from zoo import data, objectives
 from zoo.sharding import make_mesh
+from zoo.training.optimizer import OptimConfig
+from zoo.training.step import init_state, make_trainer, mesh_context
 
 # eps well above float32 rounding of the gradients: Adam's first step is ~sign(g), which
 # would otherwise turn reduction-order noise on near-zero gradients into O(lr) changes.
-OPT = train.OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=10, eps=1e-3)
+OPT = OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=10, eps=1e-3)
 
 
 def packed_batch(vocab_size: int, b: int = 8, t: int = 32, seed: int = 0) -> dict:
@@ -33,15 +34,15 @@ def single_and_sharded_step(cfg, batch, spec: str, *, objective: str = "clm", gr
     results, sharded_start = [], None
     for mesh_spec, devices in (("data=1", jax.devices()[:1]), (spec, jax.devices()[:8])):
         mesh = make_mesh(mesh_spec, devices=devices)
-        tr = train.make_trainer(cfg, mesh, opt, objective=objective, batch_size=b, seq_len=t, grad_accum=grad_accum)
+        tr = make_trainer(cfg, mesh, opt, objective=objective, batch_size=b, seq_len=t, grad_accum=grad_accum)
         if not results:
-            state = train.init_state(tr, mesh, seed=0)
+            state = init_state(tr, mesh, seed=0)
             host_state = jax.device_get(state)
         else:
             state = jax.device_put(host_state, tr.state_shardings)
             sharded_start = jax.device_put(host_state, tr.state_shardings)  # `state` is donated
         gbatch = {k: jax.device_put(batch[k], tr.batch_sharding) for k in objectives.get(objective).fields}
-        with train.mesh_context(mesh):
+        with mesh_context(mesh):
             state, metrics = tr.step(state, gbatch)
         results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
     return results[0], results[1], sharded_start

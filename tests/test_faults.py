@@ -3,6 +3,7 @@ steps are skipped and counted, and bad input gets one clear line before any comp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,8 +20,11 @@ import pytest
 
 import train
 import zoo
-from zoo import data, objectives
+from zoo import data, objectives, registry
 from zoo.sharding import make_mesh
+from zoo.training import distributed
+from zoo.training.optimizer import OptimConfig
+from zoo.training.step import init_state, make_trainer, mesh_context
 from run_utils import no_compile, snapshot  # noqa: F401 (no_compile is a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,8 +198,8 @@ def test_sigterm_and_ctrl_c_save_stop_and_resume_bitwise(sig, status, name, tmp_
 
 def test_a_second_ctrl_c_aborts_at_once(monkeypatch, capsys):
     exits = []
-    monkeypatch.setattr(train.os, "_exit", exits.append)
-    stop = train.StopRequest()
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    stop = distributed.StopRequest()
     try:
         os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, save, stop
         assert stop.requested() == "sigint" and exits == []
@@ -221,20 +225,21 @@ def _poisonable_loss(model, params, batch, rng, *, z_loss=0.0):
 @pytest.fixture
 def poison_objective(monkeypatch):
     clm = objectives.get("clm")
-    obj = objectives.Objective(name="clm-poison", fields=clm.fields, loss_fn=_poisonable_loss,
-                               families=clm.families)
+    obj = objectives.Objective(name="clm-poison", fields=clm.fields, loss_fn=_poisonable_loss)
     monkeypatch.setitem(objectives.OBJECTIVES, obj.name, obj)
+    llama = registry.FAMILIES["llama"]  # the families that train with clm train with it too
+    monkeypatch.setitem(registry.FAMILIES, "llama", dataclasses.replace(llama, objectives=(*llama.objectives, obj.name)))
     return obj.name
 
 
 def test_nonfinite_step_leaves_state_unchanged(poison_objective):
     cfg = zoo.config("tiny-llama", dtype="float32", param_dtype="float32")
     mesh = make_mesh("data=1", devices=jax.devices()[:1])
-    tr = train.make_trainer(cfg, mesh, train.OptimConfig(lr=1e-2, warmup_steps=0), objective=poison_objective,
-                            batch_size=4, seq_len=16)
+    tr = make_trainer(cfg, mesh, OptimConfig(lr=1e-2, warmup_steps=0), objective=poison_objective,
+                      batch_size=4, seq_len=16)
     it = data.SyntheticIterator(vocab_size=cfg.vocab_size, seq_len=16, batch_size=4, seed=0)
-    with train.mesh_context(mesh):
-        state = train.init_state(tr, mesh, seed=0)
+    with mesh_context(mesh):
+        state = init_state(tr, mesh, seed=0)
         state, m = tr.step(state, next(it))
         assert float(m["nonfinite"]) == 0.0
         before = jax.device_get(state)

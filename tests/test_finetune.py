@@ -16,7 +16,8 @@ from flax import linen as nn
 
 import train
 import zoo
-from zoo import evaluate as ev
+from zoo import eval as ev
+from run_utils import no_compile  # noqa: F401 (a fixture)
 
 POSITIVE = ("good", "great", "excellent")
 FILLER = tuple("the a movie film plot actor scene story was is it and of to this that with very quite".split())
@@ -150,7 +151,7 @@ def test_seq2seq_objective_equals_transformers_t5_loss(t5_dir):
     import torch
     import transformers
 
-    from zoo.finetune import _seq2seq_batch
+    from zoo.training.finetune import _seq2seq_batch
     from zoo.objectives import get
 
     init = t5_dir
@@ -187,8 +188,7 @@ def bert_cls_dir(tmp_path_factory):
     ([{"text": "good", "label": 1}], ["--model", "tiny-llama"], None),
     ([{"text": "good", "label": 1}], ["--task", "seq2seq"], "missing field 'input'"),
 ])
-def test_bad_finetune_input_is_one_line_exit_2(lines, extra, message, bert_cls_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "make_trainer", lambda *a, **k: pytest.fail("compiled despite bad input"))
+def test_bad_finetune_input_is_one_line_exit_2(lines, extra, message, bert_cls_dir, tmp_path, capsys, no_compile):
     init = bert_cls_dir
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -212,7 +212,7 @@ def test_classify_needs_data_flag(tmp_path, capsys):
 
 def test_masked_lm_checkpoint_gets_a_fresh_classifier_head():
     """--init from BertForMaskedLM: encoder tensors carried over, pooler + classifier fresh, MLM head dropped."""
-    from zoo.finetune import merge_params
+    from zoo.training.finetune import merge_params
 
     def filled(cfg, value):  # shapes from jax.eval_shape; the values tell the two sources apart
         return jax.tree.map(lambda a: jnp.full(a.shape, value, a.dtype), nn.unbox(zoo.abstract_params(cfg)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 import zoo
+from zoo.hf.convert import config_to_hf
 
 # Published parameter counts (HF model cards / `num_parameters()` of the released checkpoints).
 PUBLISHED = {
@@ -66,10 +67,8 @@ def test_hf_config_builds_same_param_count(name):
     import torch  # imported here: the JAX-only CI leg collects this file without torch
     import transformers
 
-    import zoo.hf
-
     cfg = zoo.config(name)
-    hf = zoo.hf.config_to_hf(cfg)
+    hf = config_to_hf(cfg)
     hf_config = transformers.AutoConfig.for_model(**hf)
     with torch.device("meta"):
         model = getattr(transformers, hf["architectures"][0])(hf_config)

@@ -16,6 +16,8 @@ import train
 import zoo
 from zoo import data
 from zoo.paths import RunLock
+from zoo.training.config import DEFAULT_PROMPT, TrainConfig, UsageError
+from zoo.training.run_dir import check_resume_flags
 from run_utils import no_compile, snapshot  # noqa: F401 (no_compile is a fixture)
 
 SYNTH = ["--model", "tiny-llama", "--data", "synthetic", "--seq-len", "32", "--batch-size", "8",
@@ -74,15 +76,13 @@ def test_a_refused_run_leaves_no_directory_behind(tmp_path, capsys):
 def test_relative_out_and_data_are_resolved_once(tmp_path, monkeypatch):
     (tmp_path / "corpus.txt").write_text("hello world\n" * 200)
     monkeypatch.chdir(tmp_path)
-    args = train.build_parser().parse_args(["--data", "corpus.txt", "--out", "runs/x", "--tokenizer", "t.model",
-                                            "--init", "runs/classify", "--eval-data", "dev.jsonl"])
-    train.resolve_paths(args)
+    args = TrainConfig.from_args(["--data", "corpus.txt", "--out", "runs/x", "--tokenizer", "t.model",
+                                  "--init", "runs/classify", "--eval-data", "dev.jsonl"])
     assert args.out == str(tmp_path / "runs" / "x")
     assert args.init == str(tmp_path / "runs" / "classify") and args.eval_data == [str(tmp_path / "dev.jsonl")]
     assert args.data == [str(tmp_path / "corpus.txt")]
     assert args.tokenizer == str(tmp_path / "t.model")
-    parsed = train.build_parser().parse_args(["--data", "stdlib", "synthetic"])
-    train.resolve_paths(parsed)
+    parsed = TrainConfig.from_args(["--data", "stdlib", "synthetic"])
     assert parsed.data == ["stdlib", "synthetic"]  # keywords are not paths
 
 
@@ -155,7 +155,7 @@ def test_three_byte_corpus_trains_and_samples(tmp_path, capsys):
                           "--steps", "2", "--seq-len", "16", "--batch-size", "8", "--sample-tokens", "20",
                           "--no-progress", "--temperature", "2.0"])
     assert isinstance(summary, dict), capsys.readouterr().err
-    assert summary["sample"].startswith(train.DEFAULT_PROMPT)
+    assert summary["sample"].startswith(DEFAULT_PROMPT)
     tok = data.Tokenizer(out / "tokenizer.model")
     assert tok.vocab_size < zoo.config("tiny-llama").vocab_size  # the case: a padded model vocabulary
 
@@ -188,7 +188,7 @@ def test_coordinator_must_be_host_port(capsys, no_compile):
 def _saved_run(out, **flags) -> None:
     """<out>/args.json as train.py writes it (the flag check reads only that and the step)."""
     out.mkdir(parents=True)
-    args = vars(_parsed(SYNTH + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()] + ["--out", str(out)]))
+    args = _parsed(SYNTH + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()] + ["--out", str(out)]).to_json()
     (out / "args.json").write_text(json.dumps(args))
 
 
@@ -198,30 +198,27 @@ def test_resume_with_changed_schedule_or_shape_flags_is_refused(tmp_path, capsys
     for flag, value, old in (("--steps", "20", "10"), ("--seq-len", "64", "32"), ("--batch-size", "16", "8"),
                              ("--lr", "0.01", "0.005")):
         args = _parsed([*SYNTH, "--steps", "10", "--lr", "0.005", flag, value, "--out", str(out)])
-        with pytest.raises(train.UsageError) as e:
-            train.check_resume_flags(args, start=5)
+        with pytest.raises(UsageError) as e:
+            check_resume_flags(args, 5, args.steps)
         shown = float(value) if flag == "--lr" else value
         assert f"{flag} {shown} differs from {old}" in str(e.value) and "--allow-flag-changes" in str(e.value)
     # A finished run only samples: nothing it trained can change.
-    train.check_resume_flags(_parsed([*SYNTH, "--steps", "10", "--seq-len", "64", "--out", str(out)]), start=10)
+    check_resume_flags(_parsed([*SYNTH, "--steps", "10", "--seq-len", "64", "--out", str(out)]), 10, 10)
     # A fixed --decay-steps keeps the schedule: --steps may grow.
     _saved_run(tmp_path / "fixed", steps=10, decay_steps=100)
-    train.check_resume_flags(_parsed([*SYNTH, "--steps", "50", "--decay-steps", "100", "--out",
-                                      str(tmp_path / "fixed")]), start=5)
+    check_resume_flags(_parsed([*SYNTH, "--steps", "50", "--decay-steps", "100", "--out",
+                                str(tmp_path / "fixed")]), 5, 50)
 
 
 def test_allow_flag_changes_lets_the_resume_through(tmp_path, capsys):
     out = tmp_path / "run"
     _saved_run(out, steps=10)
-    train.check_resume_flags(_parsed([*SYNTH, "--steps", "20", "--allow-flag-changes", "--out", str(out)]), start=5)
+    check_resume_flags(_parsed([*SYNTH, "--steps", "20", "--allow-flag-changes", "--out", str(out)]), 5, 20)
     assert "resuming with --steps 20 instead of 10" in capsys.readouterr().out
 
 
 def _parsed(argv):
-    args = train.build_parser().parse_args(argv)
-    args.lr = args.lr or train.DEFAULT_LR[args.task]
-    train.resolve_paths(args)
-    return args
+    return TrainConfig.from_args(argv)
 
 
 # ------------------------------------------------------------------------- fine-tuning

@@ -12,11 +12,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
+from flax import linen  # not `as nn`: zoo.nn is the subpackage of building blocks
 
 from zoo import registry
 from zoo.configs import PRESETS, GPT2Config, LlamaConfig, ModelConfig
-from zoo.generate import generate  # binds zoo.generate to the function, not the submodule
+from zoo.hf.convert import from_hf, to_hf
+from zoo.inference import generate
 
 
 def list_models() -> list[str]:
@@ -36,7 +37,7 @@ def config(name: str, **overrides) -> ModelConfig:
     return cfg.replace(**overrides) if overrides else cfg
 
 
-def build(cfg: ModelConfig) -> nn.Module:
+def build(cfg: ModelConfig) -> linen.Module:
     """The flax.linen Module for a config (params are created by `init`, never held)."""
     return registry.of(cfg).build(cfg)
 
@@ -50,23 +51,8 @@ def abstract_params(cfg: ModelConfig, seq_len: int = 8):
 
 def param_count(cfg: ModelConfig) -> int:
     """Number of parameters of a config, computed abstractly."""
-    leaves = jax.tree.leaves(nn.unbox(abstract_params(cfg)))
+    leaves = jax.tree.leaves(linen.unbox(abstract_params(cfg)))
     return sum(math.prod(x.shape) for x in leaves)
-
-
-def from_hf(path, dtype=jnp.float32):
-    """Loads a Hugging Face checkpoint dir (config.json + *.safetensors) -> (model, params)."""
-    from zoo.hf import from_hf as _from_hf
-
-    return _from_hf(path, dtype=dtype)
-
-
-def to_hf(model, params, out_dir, *, tokenizer=None, side_files_from=None) -> None:
-    """Writes a new HF dir: config.json + model.safetensors that `transformers` loads, with the
-    tokenizer and generation config (see `zoo.hf.to_hf`)."""
-    from zoo.hf import to_hf as _to_hf
-
-    return _to_hf(model, params, out_dir, tokenizer=tokenizer, side_files_from=side_files_from)
 
 
 __all__ = ["list_models", "config", "build", "abstract_params", "param_count", "from_hf", "to_hf", "generate",

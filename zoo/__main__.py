@@ -21,7 +21,21 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import zoo
+from zoo import registry
 from zoo.argtypes import non_negative_float, positive_int
+from zoo.checkpoint import Checkpointer
+from zoo.data import STDLIB, DocumentSource, decode_known, find_files, frame, pad_rows, read_jsonl
+from zoo.eval import class_logits, classification_metrics, cross_entropy, generate_texts, perplexity, text_metrics
+from zoo.hf.convert import copy_side_files
+from zoo.inference import generate
+from zoo.paths import check_new_dir, check_writable_parent, open_for_writing, resolve, staged_dir
+from zoo.pretrained import (EvalError, check_vocab, find_tokenizer, is_hf_dir, is_run_dir, load_pretrained,
+                            write_run_metadata)
 
 PROG = "python -m zoo"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -144,9 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _input_dir(typed: str, flag: str) -> Path:
-    from zoo.evaluate import EvalError
-    from zoo.paths import resolve
-
     path = resolve(typed)
     if not path.exists():
         raise EvalError(f"{flag} {typed} does not exist")
@@ -158,8 +169,6 @@ def _input_dir(typed: str, flag: str) -> Path:
 
 
 def _model_dir(typed: str, flag: str = "--model") -> Path:
-    from zoo.evaluate import EvalError, is_hf_dir, is_run_dir
-
     path = _input_dir(typed, flag)
     if not (is_hf_dir(path) or is_run_dir(path)):
         raise EvalError(f"{flag} {typed} is neither an HF checkpoint dir (config.json + safetensors) nor a zoo run "
@@ -168,9 +177,6 @@ def _model_dir(typed: str, flag: str = "--model") -> Path:
 
 
 def _input_file(typed: str, flag: str) -> Path:
-    from zoo.evaluate import EvalError
-    from zoo.paths import resolve
-
     path = resolve(typed)
     if not path.exists():
         raise EvalError(f"{flag} {typed} does not exist")
@@ -183,19 +189,15 @@ def _input_file(typed: str, flag: str) -> Path:
 
 def _data_files(typed: list[str], flag: str = "--data") -> list[str]:
     """The data files of --data (files, or dirs searched recursively), absolute; each one readable."""
-    from zoo import data
-    from zoo.evaluate import EvalError
-    from zoo.paths import resolve
-
     out = []
     for t in typed:
         path = resolve(t)
-        if t != data.STDLIB:
+        if t != STDLIB:
             if not path.exists():
                 raise EvalError(f"{flag} {t} does not exist")
             if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
                 raise EvalError(f"{flag} {t}: permission denied")
-        for f in data.find_files([t]):  # named as typed in its messages
+        for f in find_files([t]):  # named as typed in its messages
             if not os.access(f, os.R_OK):
                 raise EvalError(f"{flag} {t}: cannot read {f} (permission denied)")
             out.append(str(resolve(f)))
@@ -205,9 +207,6 @@ def _data_files(typed: list[str], flag: str = "--data") -> list[str]:
 def _output_file(typed: str, flag: str, inputs=()) -> Path:
     """`typed` absolute, once it is known that it can be written (checked before any work) and is
     none of `inputs`; the file itself is only opened when its content is ready."""
-    from zoo.evaluate import EvalError
-    from zoo.paths import check_writable_parent, resolve
-
     path = resolve(typed)
     if path.is_dir():
         raise EvalError(f"{flag} {typed} is a directory; pass a file path")
@@ -227,8 +226,6 @@ def _tokenizer_name(args) -> str:
 
 def _load(args):
     """Checks --model and --tokenizer, loads them, and refuses a tokenizer that does not fit the model."""
-    from zoo.evaluate import EvalError, check_vocab, load_pretrained
-
     model_dir = _model_dir(args.model)
     tok_file = _input_file(args.tokenizer, "--tokenizer") if args.tokenizer else None
     pre = load_pretrained(model_dir, dtype=args.dtype, tokenizer=tok_file and str(tok_file))
@@ -244,23 +241,20 @@ def _load(args):
 
 def cmd_generate(args) -> int:
     """`generate`: prints the outputs of zoo.generate for each prompt."""
-    import numpy as np
-
-    import zoo
-    from zoo.evaluate import EvalError, decode_known, frame, pad_rows
-
     pre = _load(args)
     cfg, tok = pre.cfg, pre.tokenizer
-    if cfg.family not in ("gpt2", "llama", "moe", "t5"):
-        raise EvalError(f"generate needs a decoder or T5; --model {args.model} is a {cfg.family} model")
-    is_t5 = cfg.family == "t5"
+    family = registry.of(cfg)
+    if not family.generates:
+        raise EvalError(f"generate needs a decoder or an encoder-decoder (T5); --model {args.model} is a "
+                        f"{cfg.family} {family.kind}")
+    encdec = family.kind == "encoder-decoder"
     positions = cfg.max_seq_len
-    if not is_t5 and args.max_new_tokens >= positions:
+    if not encdec and args.max_new_tokens >= positions:
         raise EvalError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: --model {args.model} "
                         f"has {positions} positions for prompt + new tokens; pass at most {positions - 1}")
     # Decoders keep the prompt's last tokens (the continuation follows the prompt's end) and leave
-    # room for the new tokens; T5 inputs keep their first max_seq_len tokens (+ eos), as HF truncates.
-    room = positions if is_t5 else positions - args.max_new_tokens
+    # room for the new tokens; encoder-decoder inputs keep their first max_seq_len tokens (+ eos), as HF truncates.
+    room = positions if encdec else positions - args.max_new_tokens
     rows, lengths = [], []
     for i, prompt in enumerate(args.prompt, 1):
         ids = frame(tok, cfg, prompt, max_len=sys.maxsize)
@@ -268,20 +262,20 @@ def cmd_generate(args) -> int:
             raise EvalError(f"prompt {i} ({prompt!r}) encodes to no tokens")
         lengths.append(len(ids))
         if len(ids) > room:
-            if is_t5:
+            if encdec:
                 ids = ids[: room - 1] + [cfg.eos_token_id]
-                why = f"T5 inputs are cut at the model's max_seq_len {positions}"
+                why = f"encoder inputs are cut at the model's max_seq_len {positions}"
             else:
                 ids = ids[-room:]
                 why = (f"--model {args.model} has {positions} positions, {args.max_new_tokens} of them for "
                        "--max-new-tokens")
             print(f"{PROG} generate: note: prompt {i} is {lengths[-1]} tokens; kept its "
-                  f"{'first' if is_t5 else 'last'} {len(ids)} ({why})", file=sys.stderr)
+                  f"{'first' if encdec else 'last'} {len(ids)} ({why})", file=sys.stderr)
         rows.append(ids)
     ids, mask = pad_rows(rows, max(len(r) for r in rows))
-    stop = cfg.eos_token_id if is_t5 else tok.eos_id
+    stop = cfg.eos_token_id if encdec else tok.eos_id
     t0 = time.time()
-    new = zoo.generate(pre.model, pre.params, ids, mask, max_new_tokens=args.max_new_tokens,
+    new = generate(pre.model, pre.params, ids, mask, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                        stop_tokens=() if stop is None else (stop,), num_return_sequences=args.num_return_sequences,
                        vocab_limit=tok.vocab_size)  # never sample an id the tokenizer cannot decode
@@ -296,10 +290,10 @@ def cmd_generate(args) -> int:
     for r, row in enumerate(outputs):
         p = r // n
         prompt, kept = args.prompt[p], len(rows[p])
-        cut = not is_t5 and kept < lengths[p]
+        cut = not encdec and kept < lengths[p]
         completion = decode_known(tok, row)
         # a cut prompt is shown as the model saw it: its kept tokens, decoded
-        text = completion if is_t5 else (tok.decode(rows[p]) if cut else prompt) + completion
+        text = completion if encdec else (tok.decode(rows[p]) if cut else prompt) + completion
         if args.jsonl:
             print(json.dumps({"prompt": prompt, "sample": r % n, "completion": completion, "text": text,
                               "token_ids": row, "prompt_tokens": lengths[p], "prompt_tokens_kept": kept}))
@@ -317,27 +311,13 @@ def cmd_convert(args) -> int:
     """`convert`: HF dir -> zoo checkpoint dir, or zoo run dir -> HF dir. SOURCE is only read; OUT
     must be new or empty and outside SOURCE (refused before anything is loaded), and appears only
     once complete."""
-    from zoo.evaluate import EvalError, is_hf_dir, is_run_dir
-    from zoo.paths import check_new_dir
-
     src = _input_dir(args.source, "SOURCE")
     from_hf = is_hf_dir(src)
     if not from_hf and not is_run_dir(src):
         raise EvalError(f"SOURCE {args.source} is neither an HF checkpoint dir (config.json) nor a zoo run dir "
                         "(checkpoints/ with args.json or zoo_config.json)")
     out = check_new_dir(args.out, flag="OUT", sources=[src])
-
-    import jax
-    import jax.numpy as jnp
-
-    import zoo
-    from zoo.evaluate import check_vocab, find_tokenizer, load_pretrained, write_run_metadata
-
     if from_hf:
-        from zoo.checkpoint import Checkpointer
-        from zoo.hf import copy_side_files
-        from zoo.paths import staged_dir
-
         model, params = zoo.from_hf(src, dtype=jnp.dtype(args.dtype or "float32"))
         tok = find_tokenizer(src)
         check_vocab(tok, model.cfg, model=f"SOURCE {args.source}", tokenizer_name=f"in SOURCE {args.source}")
@@ -361,20 +341,17 @@ def cmd_convert(args) -> int:
 # ---------------------------------------------------------------------------------- eval
 
 
-def _records(files, fields):
-    from zoo.evaluate import read_jsonl
+def _is_classifier(cfg) -> bool:
+    """True for a sequence-classification head (an encoder's eval task depends on its head)."""
+    return getattr(cfg, "architecture", "").endswith("ForSequenceClassification")
 
+
+def _records(files, fields):
     return [r for f in files for r in read_jsonl(f, fields)]
 
 
 def cmd_eval(args) -> int:
     """`eval`: perplexity, BLEU/ROUGE or accuracy/F1, printed (or as JSON)."""
-    import numpy as np
-
-    from zoo import data
-    from zoo import evaluate as ev
-    from zoo.paths import open_for_writing
-
     # every path is checked before the model loads: a bad --data or --predictions costs nothing
     files = _data_files(args.data)
     if args.predictions:
@@ -383,23 +360,18 @@ def cmd_eval(args) -> int:
     pre = _load(args)
     cfg, tok = pre.cfg, pre.tokenizer
     task = args.task
-    if task == "auto":
-        if cfg.family in ev.DECODER_FAMILIES:
-            task = "perplexity"
-        elif cfg.family == "t5":
-            task = "seq2seq"
-        elif getattr(cfg, "architecture", "") == "BertForSequenceClassification":
-            task = "classify"
-        else:
-            raise ev.EvalError(f"no evaluation for a {getattr(cfg, 'architecture', cfg.family)} model; "
-                               "fine-tune it first (train.py --task classify)")
+    if task == "auto":  # the family's eval task; an encoder's depends on its head
+        task = registry.of(cfg).eval_task or ("classify" if _is_classifier(cfg) else None)
+        if task is None:
+            raise EvalError(f"no evaluation for a {getattr(cfg, 'architecture', cfg.family)} model; "
+                            "fine-tune it first (train.py --task classify)")
     max_len = min(args.seq_len or 1024, cfg.max_seq_len)
     progress = not args.no_progress
 
     if task == "perplexity":
-        source = data.DocumentSource(files)
+        source = DocumentSource(files)
         docs = [tok.encode(source[i]) for i in range(len(source))]
-        metrics = ev.perplexity(pre.model, pre.params, docs, seq_len=max_len, batch_size=args.batch_size,
+        metrics = perplexity(pre.model, pre.params, docs, seq_len=max_len, batch_size=args.batch_size,
                                 progress=progress, per_document=True)
         per_doc = metrics.pop("per_document")
         metrics["documents"] = len(docs)
@@ -408,38 +380,38 @@ def cmd_eval(args) -> int:
         line = (f"perplexity {metrics['perplexity']:.4f} (mean NLL {metrics['nll']:.4f} nats over "
                 f"{metrics['tokens']} predicted tokens, {len(docs)} documents, {metrics['windows']} windows)")
     elif task == "classify":
-        if getattr(cfg, "architecture", "") != "BertForSequenceClassification":
-            raise ev.EvalError(f"classify needs a sequence classifier; --model {args.model} is a "
-                               f"{getattr(cfg, 'architecture', cfg.family)}")
+        if not _is_classifier(cfg):
+            raise EvalError(f"classify needs a sequence classifier; --model {args.model} is a "
+                            f"{getattr(cfg, 'architecture', cfg.family)}")
         records = _records(files, ("text", "label"))
         labels = np.asarray([r["label"] for r in records])
         bad = labels[(labels < 0) | (labels >= cfg.num_labels)]
         if bad.size:
-            raise ev.EvalError(f"label {bad[0]} is outside the model's {cfg.num_labels} classes")
-        rows = [ev.frame(tok, cfg, r["text"], max_len) for r in records]
-        logits = ev.class_logits(pre.model, pre.params, rows, seq_len=max(len(r) for r in rows),
-                                 batch_size=args.batch_size, progress=progress)
+            raise EvalError(f"label {bad[0]} is outside the model's {cfg.num_labels} classes")
+        rows = [frame(tok, cfg, r["text"], max_len) for r in records]
+        logits = class_logits(pre.model, pre.params, rows, seq_len=max(len(r) for r in rows),
+                              batch_size=args.batch_size, progress=progress)
         preds = logits.argmax(axis=1)
-        metrics = {**ev.classification_metrics(preds, labels), "loss": ev.cross_entropy(logits, labels),
+        metrics = {**classification_metrics(preds, labels), "loss": cross_entropy(logits, labels),
                    "examples": len(records)}
         predictions = [{"label": int(y), "prediction": int(p)} for y, p in zip(labels, preds)]
         line = (f"accuracy {metrics['accuracy']:.4f}  f1 {metrics['f1']:.4f} (macro)  loss {metrics['loss']:.4f} "
                 f"({len(records)} examples)")
     else:
-        if cfg.family != "t5":
-            raise ev.EvalError(f"seq2seq needs a T5 model; --model {args.model} is a {cfg.family} model")
+        if registry.of(cfg).kind != "encoder-decoder":
+            raise EvalError(f"seq2seq needs an encoder-decoder (T5); --model {args.model} is a {cfg.family} model")
         records = _records(files, ("input", "target"))
-        inputs = [ev.frame(tok, cfg, r["input"], max_len) for r in records]
-        hyps = ev.generate_texts(pre.model, pre.params, tok, inputs, seq_len=max(len(r) for r in inputs),
-                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=progress)
+        inputs = [frame(tok, cfg, r["input"], max_len) for r in records]
+        hyps = generate_texts(pre.model, pre.params, tok, inputs, seq_len=max(len(r) for r in inputs),
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=progress)
         refs = [r["target"] for r in records]
-        metrics = {**ev.text_metrics(hyps, refs), "examples": len(records)}
+        metrics = {**text_metrics(hyps, refs), "examples": len(records)}
         predictions = [{"input": r["input"], "target": r["target"], "prediction": h} for r, h in zip(records, hyps)]
         line = (f"bleu {metrics['bleu']:.2f}  rouge1 {metrics['rouge1']:.2f}  rouge2 {metrics['rouge2']:.2f}  "
                 f"rougeL {metrics['rougeL']:.2f} ({len(records)} examples)")
     metrics["task"] = task
     if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
-        raise ev.EvalError(f"the metrics are not finite ({line}); the model's weights hold NaN or inf?")
+        raise EvalError(f"the metrics are not finite ({line}); the model's weights hold NaN or inf?")
     if args.predictions:
         with open_for_writing(predictions_path, flag="--predictions") as f:
             f.writelines(json.dumps(p) + "\n" for p in predictions)
@@ -460,8 +432,6 @@ def _one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Runs one subcommand; returns the exit status (2 with one line on stderr for bad input)."""
     args = build_parser().parse_args(argv)
-    from zoo.evaluate import EvalError
-
     try:
         return COMMANDS[args.command](args)
     except OSError as e:  # a file that vanished or cannot be read or written: name it, no traceback

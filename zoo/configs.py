@@ -1,7 +1,7 @@
 """Frozen model configs and named presets.
 
 Field names follow Hugging Face's config.json where one exists, so that the
-conversion tables in `zoo/hf.py` stay short. Every config checks itself in
+conversion tables in `zoo/models/<family>/hf.py` stay short. Every config checks itself in
 `__post_init__` so that an impossible model fails before anything compiles.
 """
 
@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+# Per-layer activation checkpointing choices (zoo/nn/scan.py maps each to a jax checkpoint policy).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -36,7 +37,7 @@ class ModelConfig:
     remat: str = "none"  # activation checkpointing policy per layer
     attention_impl: str | None = None  # kernels.attention implementation; None picks per backend
     # Special token ids as HF's config.json has them (None: the checkpoint has none). They travel
-    # HF -> zoo -> HF; a zoo run's export takes them from its tokenizer (zoo/hf.py `to_hf`).
+    # HF -> zoo -> HF; a zoo run's export takes them from its tokenizer (zoo/hf/convert.py `to_hf`).
     # eos may be several ids (Llama 3 instruct); they are kept as a tuple (configs are hashed).
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -361,7 +362,7 @@ _register(T5Config(name="tiny-t5-v1.1", feed_forward_proj="gated-gelu", tie_word
 
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig(LlamaConfig):
-    """The Llama decoder with every MLP a set of routed SwiGLU experts (zoo/moe.py).
+    """The Llama decoder with every MLP a set of routed SwiGLU experts (zoo/models/moe/model.py).
 
     Router: softmax over all experts, the top `num_experts_per_tok` kept; Mixtral always
     renormalises the kept probabilities to sum to 1, Qwen3-MoE does when `norm_topk_prob`.

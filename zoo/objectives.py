@@ -23,6 +23,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from zoo import registry
+
 
 @dataclass(frozen=True)
 class Objective:
@@ -32,7 +34,6 @@ class Objective:
     fields: tuple[str, ...]
     loss_fn: Callable
     description: str = ""
-    families: tuple[str, ...] = ()  # model families it can train (checked before compiling)
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -49,6 +50,13 @@ def get(name: str) -> Objective:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
     return OBJECTIVES[name]
+
+
+def check_trains(name: str, cfg) -> None:
+    """ValueError unless objective `name` can train `cfg`'s family: its record in zoo.registry lists it."""
+    if name not in registry.of(cfg).objectives:
+        trains = ", ".join(registry.supporting(objective=name)) or "no"
+        raise ValueError(f"objective {name!r} trains {trains} models, not the {cfg.family} model {cfg.name!r}")
 
 
 def next_token_targets(input_ids_BT, segment_ids_BT):
@@ -123,8 +131,7 @@ def causal_lm_loss(model, params, batch, rng, *, z_loss: float = 0.0):
 
 
 register(Objective("clm", ("input_ids", "segment_ids", "positions"), causal_lm_loss,
-                   "causal language modelling: next-token cross-entropy within each packed document",
-                   families=("gpt2", "llama", "moe")))
+                   "causal language modelling: next-token cross-entropy within each packed document"))
 
 
 # --- encoder objectives: masked LM (BERT), span corruption (T5), classification ----------
@@ -132,11 +139,12 @@ register(Objective("clm", ("input_ids", "segment_ids", "positions"), causal_lm_l
 # packed rows (input_ids, segment_ids, positions) for every objective.
 
 
-def _require_model(model, family: str, architecture: str | None, objective: str) -> None:
+def _require_model(model, objective: str, architecture: str | None = None) -> None:
+    """The family must support `objective`; `architecture`: the head it needs (e.g. BertForMaskedLM)."""
     cfg = model.cfg
-    if cfg.family != family or (architecture and getattr(cfg, "architecture", None) != architecture):
-        want = architecture or f"a {family} model"
-        raise ValueError(f"objective {objective!r} needs {want}; model {cfg.name!r} is "
+    check_trains(objective, cfg)
+    if architecture and getattr(cfg, "architecture", None) != architecture:
+        raise ValueError(f"objective {objective!r} needs {architecture}; model {cfg.name!r} is "
                          f"{getattr(cfg, 'architecture', cfg.family)}")
 
 
@@ -153,7 +161,7 @@ def mask_tokens(input_ids_BT, segment_ids_BT, rng, *, vocab_size: int, mask_toke
 
 def masked_lm_loss(model, params, batch, rng, *, z_loss: float = 0.0):
     """Masked LM (BertForMaskedLM): cross-entropy on the selected positions only."""
-    _require_model(model, "bert", "BertForMaskedLM", "mlm")
+    _require_model(model, "mlm", "BertForMaskedLM")
     cfg = model.cfg
     inputs_BT, selected_BT = mask_tokens(batch["input_ids"], batch["segment_ids"], rng, vocab_size=cfg.vocab_size,
                                          mask_token_id=cfg.mask_token_id)
@@ -230,7 +238,7 @@ def span_corruption(input_ids_BT, segment_ids_BT, rng, *, first_sentinel_id: int
 
 def span_corruption_loss(model, params, batch, rng, *, z_loss: float = 0.0):
     """T5 span corruption (noise density 0.15, mean span 3): cross-entropy on the targets."""
-    _require_model(model, "t5", None, "span")
+    _require_model(model, "span")
     cfg = model.cfg
     s = span_corruption(batch["input_ids"], batch["segment_ids"], rng, first_sentinel_id=cfg.first_sentinel_id,
                         decoder_start_id=cfg.decoder_start_token_id)
@@ -246,7 +254,7 @@ def classification_loss(model, params, batch, rng, *, z_loss: float = 0.0):
     along the row, only column 0 is read); rows with no real token carry no weight.
     """
     del rng
-    _require_model(model, "bert", "BertForSequenceClassification", "cls")
+    _require_model(model, "cls", "BertForSequenceClassification")
     logits_BC = model.apply({"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"])
     valid_B1 = jnp.any(batch["segment_ids"] > 0, axis=1, keepdims=True)
     return cross_entropy_sums(logits_BC[:, None, :], batch["labels"][:, :1], valid_B1, z_loss)
@@ -271,12 +279,11 @@ def seq2seq_loss(model, params, batch, rng, *, z_loss: float = 0.0):
     decoder_segment_ids) with `targets`; the loss covers every real target token.
     """
     del rng
-    _require_model(model, "t5", None, "seq2seq")
+    _require_model(model, "seq2seq")
     logits_BTV = model.apply({"params": params}, batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"],
                              segment_ids=batch["segment_ids"], decoder_segment_ids=batch["decoder_segment_ids"])
     return cross_entropy_sums(logits_BTV, batch["targets"], batch["decoder_segment_ids"] > 0, z_loss)
 
 
 register(Objective("seq2seq", ("input_ids", "segment_ids", "decoder_input_ids", "decoder_segment_ids", "targets"),
-                   seq2seq_loss, "supervised seq2seq (T5): teacher-forced cross-entropy on the target tokens",
-                   families=("t5",)))
+                   seq2seq_loss, "supervised seq2seq (T5): teacher-forced cross-entropy on the target tokens"))

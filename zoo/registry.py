@@ -14,11 +14,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from zoo.configs import BertConfig, GPT2Config, LlamaConfig, ModelConfig, MoEConfig, T5Config
+from zoo.configs import (
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    ModelConfig,
+    MoEConfig,
+    T5Config,
+)
+from zoo.hf.rules import ArchSpec
+from zoo.models.bert import hf as bert_hf
 from zoo.models.bert.model import build_bert
+from zoo.models.gpt2 import hf as gpt2_hf
 from zoo.models.gpt2.model import GPT2
+from zoo.models.llama import hf as llama_hf
 from zoo.models.llama.model import Llama
+from zoo.models.moe import hf as moe_hf
 from zoo.models.moe.model import MoEDecoder
+from zoo.models.t5 import hf as t5_hf
 from zoo.models.t5.model import T5
 
 KINDS = ("decoder", "encoder", "encoder-decoder")
@@ -35,7 +48,7 @@ class Family:
     objectives: tuple[str, ...]  # objectives (zoo.objectives) that can train it; the first is its pretraining default
     tasks: tuple[str, ...]  # train.py --task values it supports
     eval_task: str | None  # what `python -m zoo eval --task auto` measures (None: depends on the head)
-    hf_architectures: tuple[str, ...]  # HF `architectures` names it imports/exports
+    hf_specs: dict[str, ArchSpec]  # HF `architectures` name -> its table (zoo/models/<family>/hf.py)
     learned_positions: bool = False  # absolute learned position table: prompt + new tokens must fit max_seq_len
 
     def __post_init__(self):
@@ -44,6 +57,11 @@ class Family:
         if self.config_class.family != self.name:
             raise ValueError(f"family {self.name}: {self.config_class.__name__}.family is "
                              f"{self.config_class.family!r}")
+
+    @property
+    def hf_architectures(self) -> tuple[str, ...]:
+        """The HF `architectures` names it imports and exports."""
+        return tuple(self.hf_specs)
 
     @property
     def generates(self) -> bool:
@@ -90,21 +108,26 @@ def supporting(*, task: str | None = None, objective: str | None = None) -> tupl
 
 
 def by_architecture(arch: str) -> Family:
-    """The family that imports the HF class `arch` (ValueError naming the supported ones if none)."""
+    """The family that imports the HF class `arch` (ValueError naming the supported ones if none);
+    its table is `by_architecture(arch).hf_specs[arch]`."""
     for f in FAMILIES.values():
-        if arch in f.hf_architectures:
+        if arch in f.hf_specs:
             return f
-    known = sorted(a for f in FAMILIES.values() for a in f.hf_architectures)
-    raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(known)}")
+    raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(architectures())}")
+
+
+def architectures() -> tuple[str, ...]:
+    """Every HF `architectures` name some family imports, sorted."""
+    return tuple(sorted(a for f in FAMILIES.values() for a in f.hf_specs))
 
 
 register(Family("gpt2", GPT2Config, GPT2, kind="decoder", objectives=("clm",), tasks=("pretrain",),
-                eval_task="perplexity", hf_architectures=("GPT2LMHeadModel",), learned_positions=True))
+                eval_task="perplexity", hf_specs=gpt2_hf.ARCHITECTURES, learned_positions=True))
 register(Family("llama", LlamaConfig, Llama, kind="decoder", objectives=("clm",), tasks=("pretrain",),
-                eval_task="perplexity", hf_architectures=LlamaConfig.ARCHITECTURES))
+                eval_task="perplexity", hf_specs=llama_hf.ARCHITECTURES))
 register(Family("moe", MoEConfig, MoEDecoder, kind="decoder", objectives=("clm",), tasks=("pretrain",),
-                eval_task="perplexity", hf_architectures=MoEConfig.ARCHITECTURES))
+                eval_task="perplexity", hf_specs=moe_hf.ARCHITECTURES))
 register(Family("bert", BertConfig, build_bert, kind="encoder", objectives=("mlm", "cls"),
-                tasks=("pretrain", "classify"), eval_task=None, hf_architectures=BertConfig.ARCHITECTURES))
+                tasks=("pretrain", "classify"), eval_task=None, hf_specs=bert_hf.ARCHITECTURES))
 register(Family("t5", T5Config, T5, kind="encoder-decoder", objectives=("span", "seq2seq"),
-                tasks=("pretrain", "seq2seq"), eval_task="seq2seq", hf_architectures=("T5ForConditionalGeneration",)))
+                tasks=("pretrain", "seq2seq"), eval_task="seq2seq", hf_specs=t5_hf.ARCHITECTURES))

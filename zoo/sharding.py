@@ -95,11 +95,6 @@ def make_mesh(spec: str | dict[str, int] = "fsdp=-1", devices: Sequence | None =
     return Mesh(device_array, MESH_AXES)
 
 
-def rules() -> tuple[tuple[str, object], ...]:
-    """The logical-axis rules table, for `nn.logical_axis_rules(rules())`."""
-    return RULES
-
-
 def logical_to_sharding(logical_specs, mesh: Mesh):
     """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
     return nn.logical_to_mesh_sharding(logical_specs, mesh, RULES)

@@ -14,36 +14,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from zoo.configs import BertConfig
-from zoo.layers import MLP, Dense, Embed, LayerNorm, SelfAttention, default_positions, param_with_axes, scan_layers
+from zoo.nn.attention import SelfAttention
+from zoo.nn.embed import Embed
+from zoo.nn.linear import Dense, param_with_axes
+from zoo.nn.masks import check_inputs, default_positions, encoder_segment_ids
+from zoo.nn.mlp import MLP
+from zoo.nn.norms import LayerNorm
+from zoo.nn.scan import scan_layers
 from zoo.sharding import constrain
-
-
-def check_inputs(cfg, input_ids, **arrays) -> None:
-    """Raises ValueError, before tracing further, for ids/masks of the wrong rank, shape or dtype."""
-    if getattr(input_ids, "ndim", None) != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"{cfg.name}: input_ids must be an integer [batch, length] array, got "
-                         f"{getattr(input_ids, 'dtype', type(input_ids))}{getattr(input_ids, 'shape', '')}")
-    for name, x in arrays.items():
-        if x is None:
-            continue
-        if getattr(x, "shape", None) != input_ids.shape:
-            raise ValueError(f"{cfg.name}: {name} must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {getattr(x, 'shape', type(x))}")
-
-
-def encoder_segment_ids(attention_mask_BT, segment_ids_BT, batch: int, length: int):
-    """(q_ids, kv_ids) for `kernels.attention`, or None when nothing is masked.
-
-    Packed `segment_ids` keep attention inside each document (padding id 0 attends
-    nowhere). An HF attention_mask only hides keys: every query gets id 1, so padded
-    queries see the real tokens exactly as in PyTorch.
-    """
-    if segment_ids_BT is not None:
-        ids_BT = segment_ids_BT.astype(jnp.int32)
-        return ids_BT, ids_BT
-    if attention_mask_BT is not None:
-        return jnp.ones((batch, length), jnp.int32), (attention_mask_BT != 0).astype(jnp.int32)
-    return None
 
 
 class BertLayer(nn.Module):

@@ -9,8 +9,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from zoo.configs import GPT2Config
-from zoo.layers import MLP, DecoderBlock, Embed, LayerNorm, SelfAttention, default_positions, mask_to_segment_ids
-from zoo.layers import scan_layers
+from zoo.nn.attention import SelfAttention
+from zoo.nn.blocks import DecoderBlock
+from zoo.nn.embed import Embed
+from zoo.nn.masks import default_positions, mask_to_segment_ids
+from zoo.nn.mlp import MLP
+from zoo.nn.norms import LayerNorm
+from zoo.nn.scan import scan_layers
 from zoo.sharding import constrain
 
 
@@ -18,7 +23,7 @@ class GPT2(nn.Module):
     """GPT2LMHeadModel: `apply(params, input_ids, attention_mask=None, *, positions, segment_ids)` -> logits."""
 
     cfg: GPT2Config
-    decode: bool = False  # KV-cache mode for zoo.generate (see layers.SelfAttention)
+    decode: bool = False  # KV-cache mode for zoo.generate (see zoo/nn/attention.py)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, return_hidden=False):
@@ -36,7 +41,8 @@ class GPT2(nn.Module):
             DecoderBlock, cfg.num_layers, cfg.remat,
             make_norm=partial(LayerNorm, cfg.layer_norm_epsilon, **kw),
             make_attention=partial(SelfAttention, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                   qkv_bias=True, out_bias=True, attention_impl=cfg.attention_impl, decode=self.decode, **kw),
+                                   qkv_bias=True, out_bias=True, attention_impl=cfg.attention_impl,
+                                   decode=self.decode, **kw),
             make_mlp=partial(MLP, cfg.hidden_size, cfg.intermediate_size, "gelu_tanh", gated=False, use_bias=True,
                              **kw),
         )

@@ -12,8 +12,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from zoo.configs import LlamaConfig
-from zoo.layers import MLP, DecoderBlock, Dense, Embed, RMSNorm, SelfAttention, default_positions
-from zoo.layers import mask_to_segment_ids, scan_layers
+from zoo.nn.attention import SelfAttention
+from zoo.nn.blocks import DecoderBlock
+from zoo.nn.embed import Embed
+from zoo.nn.linear import Dense
+from zoo.nn.masks import default_positions, mask_to_segment_ids
+from zoo.nn.mlp import MLP
+from zoo.nn.norms import RMSNorm
+from zoo.nn.scan import scan_layers
 from zoo.sharding import constrain
 
 
@@ -21,9 +27,9 @@ class Llama(nn.Module):
     """*ForCausalLM: `apply(params, input_ids, attention_mask=None, *, positions, segment_ids)` -> logits."""
 
     cfg: LlamaConfig
-    decode: bool = False  # KV-cache mode for zoo.generate (see layers.SelfAttention)
+    decode: bool = False  # KV-cache mode for zoo.generate (see zoo/nn/attention.py)
 
-    # The scanned block; zoo/moe.py swaps in one whose MLP is routed experts.
+    # The scanned block; zoo/models/moe/model.py swaps in one whose MLP is routed experts.
     block_cls: ClassVar[type[nn.Module]] = DecoderBlock
 
     def make_mlp(self, **kw) -> Callable[..., nn.Module]:

@@ -1,6 +1,6 @@
 """Mixture-of-experts decoders: Mixtral and Qwen3-MoE.
 
-The Llama decoder (zoo/llama.py: attention, norms, RoPE, scan over layers) with each
+The Llama decoder (zoo/models/llama/model.py: attention, norms, RoPE, layer scan) with each
 layer's MLP replaced by `MoEMLP`: a top-k router over E SwiGLU experts and a
 capacity-free (dropless) dispatch. Every token's k (token, expert) pairs are sorted
 by expert and the experts run as one grouped matmul (`jax.lax.ragged_dot`) over the
@@ -30,8 +30,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from zoo.configs import MoEConfig
-from zoo.layers import ACTIVATIONS, DecoderBlock, Dense, default_init, param_with_axes
 from zoo.models.llama.model import Llama
+from zoo.nn.blocks import DecoderBlock
+from zoo.nn.linear import Dense, default_init, param_with_axes
+from zoo.nn.mlp import ACTIVATIONS
 from zoo.sharding import constrain
 
 AUX_LOSS_COLLECTION = "aux_loss"

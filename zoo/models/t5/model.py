@@ -13,17 +13,19 @@ no additive bias and nothing falls back silently. Dropout is not modelled.
 from __future__ import annotations
 
 import math
-from functools import partial
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
 import kernels
-from zoo.models.bert.model import check_inputs, encoder_segment_ids
 from zoo.configs import T5Config
-from zoo.layers import MLP, Dense, Embed, RMSNorm, default_init, param_with_axes, scan_layers
+from zoo.nn.embed import Embed
+from zoo.nn.linear import Dense, default_init, param_with_axes
+from zoo.nn.masks import check_inputs, encoder_segment_ids
+from zoo.nn.mlp import MLP
+from zoo.nn.norms import RMSNorm
+from zoo.nn.scan import scan_layers
 from zoo.sharding import constrain
 
 
@@ -201,73 +203,3 @@ class T5(nn.Module):
         else:
             logits_BTV = Dense((cfg.vocab_size,), ("embed",), ("vocab",), name="lm_head", **kw)(y_BTD)
         return constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "activation_vocab"))
-
-
-@partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "vocab_limit"))
-def _decode(model, params, input_ids, attention_mask, stop_ids, pad_id, rng, *, max_new_tokens, temperature,
-            top_k, top_p, vocab_limit):
-    from zoo.generate import sample_logits
-
-    variables = {"params": params}
-    b = input_ids.shape[0]
-    enc_BSD = model.apply(variables, input_ids, attention_mask, encode_only=True)
-    # A fixed-length decoder buffer keeps shapes static (one compile); causal attention
-    # makes the not-yet-written slots invisible to position i.
-    dec_BN = jnp.full((b, max_new_tokens + 1), pad_id, jnp.int32).at[:, 0].set(model.cfg.decoder_start_token_id)
-    out_BN = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-
-    def cond(carry):
-        i, _, _, done, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        i, dec_BN, out_BN, done, rng = carry
-        logits_BNV = model.apply(variables, input_ids, attention_mask, decoder_input_ids=dec_BN[:, :-1],
-                                 encoder_outputs=enc_BSD)
-        rng, sub = jax.random.split(rng)
-        logits_BV = jax.lax.dynamic_index_in_dim(logits_BNV, i, axis=1, keepdims=False)
-        tok_B = sample_logits(logits_BV, sub, temperature=temperature, top_k=top_k, top_p=top_p,
-                              vocab_limit=vocab_limit)
-        tok_B = jnp.where(done, pad_id, tok_B)
-        out_BN = jax.lax.dynamic_update_slice(out_BN, tok_B[:, None], (0, i))
-        dec_BN = jax.lax.dynamic_update_slice(dec_BN, tok_B[:, None], (0, i + 1))
-        return i + 1, dec_BN, out_BN, done | jnp.isin(tok_B, stop_ids), rng
-
-    carry = (jnp.int32(0), dec_BN, out_BN, jnp.zeros((b,), bool), rng)
-    return jax.lax.while_loop(cond, body, carry)[2]
-
-
-def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_tokens=(),
-             num_return_sequences: int = 1, pad_id: int | None = None, vocab_limit: int | None = None):
-    """New decoder token ids [batch * num_return_sequences, max_new_tokens] (`zoo.generate` for T5).
-
-    input_ids (padded on either side, with attention_mask) feed the encoder once; the
-    decoder starts from decoder_start_token_id. Decoding stops at `stop_tokens`
-    (default: the config's eos, as HF), after which a row holds `pad_id` (default the
-    config's pad). Each step reruns the decoder over a fixed-length buffer: no KV cache
-    yet, fine for short outputs.
-    """
-    from zoo.generate import clamp_vocab
-
-    cfg = model.cfg
-    vocab_limit, top_k = clamp_vocab(cfg.vocab_size, vocab_limit, top_k)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    ids = np.asarray(input_ids, dtype=np.int32)
-    ids = ids[None] if ids.ndim == 1 else ids
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32).reshape(ids.shape)
-    real = ids[mask > 0]
-    if real.size and (real.min() < 0 or real.max() >= cfg.vocab_size):
-        raise ValueError(f"input token ids must lie in [0, {cfg.vocab_size}), got [{real.min()}, {real.max()}]")
-    if (mask.sum(axis=1) == 0).any():
-        raise ValueError("every input needs at least one real token (attention_mask row of zeros)")
-    if num_return_sequences > 1:
-        ids, mask = np.repeat(ids, num_return_sequences, axis=0), np.repeat(mask, num_return_sequences, axis=0)
-    pad = cfg.pad_token_id if pad_id is None else pad_id
-    stop = jnp.asarray(list(stop_tokens) or [cfg.eos_token_id], jnp.int32)
-    return _decode(model, params, jnp.asarray(ids), jnp.asarray(mask), stop, jnp.int32(pad), jax.random.key(seed),
-                   max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
-                   vocab_limit=vocab_limit)

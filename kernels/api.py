@@ -1,0 +1,151 @@
+"""`attention`: validates a call once, then picks the implementation by the platform
+being lowered for.
+
+Implementations (see `IMPLEMENTATIONS`):
+  "xla"     `reference_attention`, pure jnp; runs everywhere.
+  "pallas"  our flash-attention kernel: Mosaic (`kernels.tpu`) when lowering for
+            TPU, the Triton kernel (`kernels.gpu_triton`) when lowering for CUDA,
+            Pallas interpret mode of the TPU kernel anywhere else (CPU tests).
+  "cudnn"   jax.nn.dot_product_attention(implementation="cudnn"); CUDA only.
+  None      "pallas" when lowering for TPU or CUDA, "xla" elsewhere ("xla"
+            everywhere when a bias is given, which the kernels do not take).
+
+The choice follows the platform being lowered for (`jax.lax.platform_dependent`),
+not the host, so an AOT compile for TPU from a CPU host contains the Mosaic
+kernel. An implementation that cannot serve a call raises; nothing falls back.
+Under a mesh the kernels run inside `shard_map` (`kernels.sharding`).
+
+Letter legend: B batch, T q length, S kv length, N q heads, K kv heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+from kernels import base, gpu_triton, reference, sharding, tpu
+
+IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
+
+
+def attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
+              sliding_window=None, logits_soft_cap=None, bias=None,
+              implementation=None, mesh=None):
+    """Multi-head attention with GQA/MQA, packing, causal/sliding-window masks.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H] with K dividing N.
+      causal: mask future keys; with T != S the last query aligns with the last key.
+      segment_ids: int [B, T] (T == S) or a (q_ids [B, T], kv_ids [B, S]) pair;
+        id 0 is padding. Rows with nothing to attend to give zeros.
+      scale: logit scale, default 1/sqrt(H).
+      sliding_window: W; query i sees keys j with i - W < j <= i.
+      logits_soft_cap: c; scaled logits x become c * tanh(x / c).
+      bias: additive logits bias broadcastable to [B, N, T, S] ("xla" only).
+      implementation: None, "xla", "pallas" or "cudnn" (see the module docstring).
+      mesh: the mesh to shard the kernel over; default the mesh in context
+        (`jax.sharding.get_abstract_mesh()`), if any.
+
+    Returns:
+      [B, T, N, H] in q's dtype.
+    """
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {implementation!r}; expected None or one "
+                         f"of {IMPLEMENTATIONS}")
+    q_ids, kv_ids, options = base.validate(
+        q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, bias=bias)
+    if implementation == "xla" or (implementation is None and bias is not None):
+        return reference.attend(q, k, v, q_ids, kv_ids, options, bias)
+    if bias is not None:
+        raise NotImplementedError(
+            f"implementation={implementation!r} does not take an additive bias; "
+            "use implementation='xla' (or None) for biased attention")
+    if implementation == "cudnn":
+        _check_cudnn(q, k, q_ids, options)
+        kernel = functools.partial(_cudnn_for_platform, options=options)
+    else:
+        kernel = functools.partial(_kernel_for_platform, implementation, options=options)
+    return sharding.sharded(kernel, q, k, v, q_ids, kv_ids, mesh)
+
+
+def _kernel_for_platform(implementation, q, k, v, q_ids, kv_ids, *, options):
+    """The Pallas kernel (or, for implementation=None off TPU/CUDA, the reference)."""
+
+    def branch(fn, what, **kwargs):
+        # platform_dependent traces every branch; a kernel that rejects this call
+        # (e.g. the GPU kernel's head_dim limit) must only fail if it is lowered.
+        def traced():
+            try:
+                return fn(q, k, v, q_ids, kv_ids, options, **kwargs)
+            except (ValueError, NotImplementedError) as e:
+                return _fail_at_lowering(q, f"{what} cannot serve this call: {e}")
+        return traced
+
+    mosaic = branch(tpu.flash_attention, "the Pallas TPU kernel", interpret=False)
+    if implementation == "pallas":
+        default = branch(tpu.flash_attention, "the Pallas kernel in interpret mode", interpret=True)
+    else:
+        default = branch(reference.attend, "the reference")
+    cuda = branch(gpu_triton.flash_attention, "the Pallas GPU kernel (kernels/gpu_triton.py)")
+    return jax.lax.platform_dependent(tpu=mosaic, cuda=cuda, default=default)
+
+
+def _check_cudnn(q, k, q_ids, options):
+    """Raise for what jax.nn.dot_product_attention's cuDNN path cannot express."""
+    if options.logits_soft_cap is not None:
+        raise NotImplementedError("implementation='cudnn' has no logits soft cap; use 'pallas'")
+    if q_ids is not None:
+        raise NotImplementedError(
+            "implementation='cudnn' cannot express packed segment ids; use 'pallas'")
+    if options.causal and q.shape[1] != k.shape[1]:
+        raise NotImplementedError(
+            "implementation='cudnn' aligns causal masks top-left; q_len != kv_len "
+            "with causal=True needs 'pallas' or 'xla'")
+
+
+def _cudnn_for_platform(q, k, v, q_ids, kv_ids, *, options):
+    del q_ids, kv_ids  # rejected by _check_cudnn
+    window = options.sliding_window
+
+    def cudnn():
+        try:
+            return jax.nn.dot_product_attention(
+                q, k, v, scale=options.scale, is_causal=options.causal or window is not None,
+                local_window_size=None if window is None else (window - 1, 0),
+                implementation="cudnn")
+        except RuntimeError as e:  # e.g. "cuDNN is not detected" on a host without CUDA
+            raise NotImplementedError(
+                f"implementation='cudnn' is unavailable in this installation: {e}") from e
+
+    return jax.lax.platform_dependent(
+        cuda=cudnn,
+        default=lambda: _fail_at_lowering(
+            q, "implementation='cudnn' only lowers for CUDA GPUs; use 'pallas' or 'xla'"))
+
+
+# A primitive that traces like identity and raises when lowered: it lets a
+# platform_dependent branch that cannot be served fail only if it is the branch
+# actually lowered (tracing builds every branch).
+_fail_p = Primitive("attention_unavailable")
+_fail_p.def_abstract_eval(lambda x, *, message: x)
+
+
+def _fail_lowering(ctx, x, *, message):
+    raise NotImplementedError(message)
+
+
+mlir.register_lowering(_fail_p, _fail_lowering)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _fail_at_lowering(x, message):
+    return _fail_p.bind(x, message=message)
+
+
+_fail_at_lowering.defvjp(
+    lambda x, message: (_fail_p.bind(x, message=message), None),
+    lambda message, _, ct: (_fail_p.bind(ct, message=message),))

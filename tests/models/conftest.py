@@ -1,0 +1,112 @@
+"""Session-wide work that the contract suite and the per-family files share, each piece done
+once: the tiny HF checkpoints (one per tests/hf_utils.CHECKPOINTS entry), their zoo
+import + export, one sharded train step per family and one short pretraining run per family.
+
+Every fixture returns a function of a name, computing on first use and caching after, so a
+test run that selects one family builds only that family's pieces.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import pytest
+
+import train
+import zoo
+from zoo import registry
+
+from step_utils import packed_batch, single_and_sharded_step
+
+
+def tiny_preset(family: str) -> str:
+    """The smallest preset of a family: `tiny-<family>` where it exists, else the first `tiny-*`."""
+    names = sorted(n for n in zoo.list_models() if n.startswith("tiny-") and zoo.config(n).family == family)
+    assert names, f"family {family!r} has no tiny-* preset"
+    return f"tiny-{family}" if f"tiny-{family}" in names else names[0]
+
+
+def _cached(make):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = make(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """name -> (torch model, checkpoint dir) for tests/hf_utils.CHECKPOINTS[name]; needs torch."""
+    from hf_utils import make_model, save  # builds with torch: imported by the torch tests that use it
+
+    def make(name):
+        model = make_model(name)
+        path = tmp_path_factory.mktemp("hf") / name
+        save(model, path)
+        return model, path
+
+    return _cached(make)
+
+
+@pytest.fixture(scope="session")
+def hf_export(hf_checkpoint, tmp_path_factory):
+    """name -> (model, params, export dir): the checkpoint imported by zoo.from_hf and written
+    back by zoo.to_hf into <fresh dir>/export (nothing else is in that fresh dir)."""
+
+    def make(name):
+        model, params = zoo.from_hf(hf_checkpoint(name)[1])
+        out = tmp_path_factory.mktemp("export") / "export"
+        zoo.to_hf(model, params, out)
+        return model, params, out
+
+    return _cached(make)
+
+
+def sharded_spec(cfg) -> str:
+    """An 8-device mesh that splits every kind of weight: experts too where the model has them."""
+    return "fsdp=2,expert=2,tensor=2" if getattr(cfg, "num_experts", 0) else "data=2,fsdp=2,tensor=2"
+
+
+@pytest.fixture(scope="session")
+def sharded_step():
+    """family -> (cfg, single, sharded, start): one train step of the family's tiny preset with
+    its pretraining objective (two accumulated micro-batches) on one device and on
+    `sharded_spec` over 8, from the same state (see tests/step_utils.py)."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 fake CPU devices (tests/conftest.py)")
+
+    def make(family):
+        cfg = zoo.config(tiny_preset(family), dtype="float32", param_dtype="float32")
+        objective = registry.FAMILIES[family].objectives[0]
+        single, sharded, start = single_and_sharded_step(cfg, packed_batch(cfg.vocab_size), sharded_spec(cfg),
+                                                         objective=objective, grad_accum=2)
+        return cfg, single, sharded, start
+
+    return _cached(make)
+
+
+PRETRAIN_STEPS = 40
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(tmp_path_factory):
+    """family -> (summary, metrics.jsonl records): `train.py --model <tiny preset> --objective
+    <pretraining default>` for PRETRAIN_STEPS steps on the embedded corpus (Python's stdlib)."""
+
+    def make(family):
+        out = tmp_path_factory.mktemp(f"pretrain-{family}")
+        argv = ["--model", tiny_preset(family), "--objective", registry.FAMILIES[family].objectives[0],
+                "--steps", str(PRETRAIN_STEPS), "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3",
+                "--data-max-bytes", "300000", "--out", str(out), "--no-progress", "--sample-tokens", "0",
+                "--checkpoint-every", str(PRETRAIN_STEPS)]
+        summary = train.main(argv)
+        assert isinstance(summary, dict), summary
+        with open(out / "metrics.jsonl") as f:
+            records = [json.loads(line) for line in f]
+        return summary, records
+
+    return _cached(make)

@@ -1,0 +1,135 @@
+"""The rule engine every family's Hugging Face weight table is written in.
+
+Each supported HF class (config.json's `architectures[0]`) has one `ArchSpec`: a
+config translation pair (HF dict <-> zoo config) and a weight table of `Rule`s.
+A rule maps one HF tensor name pattern to one or more zoo parameter paths with an
+exact, invertible layout change (transpose and/or reshape, or a split of a fused
+tensor), so import followed by export is bit-identical. Stacked axes (the scanned
+layer axis `{i}`, the expert axis `{e}` of MoE models) are placeholders in the HF
+pattern that index the leading axes of the zoo parameter.
+
+The tables live beside each model (zoo/models/<family>/hf.py); zoo/hf/convert.py runs them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from zoo.configs import ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file and the tensor."""
+
+
+# --- layouts: exact, invertible HF <-> zoo transforms ------------------------------------
+# "copy":   same values, reshaped (norm scales, embeddings, biases, GPT-2's Conv1D [in, out]).
+# "linear": torch nn.Linear weight [out, in] -> zoo kernel [in..., out...] (transpose + reshape).
+# "fused":  the HF tensor's last axis holds len(zoo) equal parts (GPT-2 c_attn = q|k|v).
+LAYOUTS = ("copy", "linear", "fused")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One HF tensor pattern <-> zoo parameter path(s).
+
+    hf: name pattern; `{i}` (and any other placeholder named in `stack`) expands over
+        the stacked leading axes of the zoo parameters.
+    zoo: "/"-joined paths into the params tree (several for "fused").
+    layout: one of LAYOUTS.
+    hf_shape: the HF tensor's shape (one stacked index).
+    stack: (placeholder, size) pairs, in the order of the zoo parameter's leading axes.
+    """
+
+    hf: str
+    zoo: tuple[str, ...]
+    layout: str
+    hf_shape: tuple[int, ...]
+    stack: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"rule {self.hf}: unknown layout {self.layout!r} (one of {LAYOUTS})")
+
+    def expand(self):
+        """Yields (hf_key, stacked index) for every tensor this rule covers."""
+        names = [n for n, _ in self.stack]
+        for idx in itertools.product(*(range(size) for _, size in self.stack)):
+            yield self.hf.format(**dict(zip(names, idx))), idx
+
+    def to_zoo(self, x: np.ndarray, zoo_shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+        """HF tensor -> zoo pieces (one stacked index each), following the layout."""
+        if self.layout == "copy":
+            return [x.reshape(zoo_shapes[0])]
+        if self.layout == "linear":
+            return [x.T.reshape(zoo_shapes[0])]
+        parts = np.split(x, len(self.zoo), axis=-1)
+        return [p.reshape(s) for p, s in zip(parts, zoo_shapes)]
+
+    def to_hf(self, pieces: list[np.ndarray]) -> np.ndarray:
+        """Zoo pieces (one stacked index each) -> the HF tensor: the exact inverse of `to_zoo`."""
+        if self.layout == "copy":
+            return pieces[0].reshape(self.hf_shape)
+        if self.layout == "linear":
+            return pieces[0].reshape(self.hf_shape[::-1]).T
+        part_shape = self.hf_shape[:-1] + (self.hf_shape[-1] // len(pieces),)
+        return np.concatenate([p.reshape(part_shape) for p in pieces], axis=-1)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything needed to convert one HF architecture.
+
+    config_from_hf(hf_dict, name) -> zoo config; config_to_hf(cfg) -> HF dict;
+    weights(cfg) -> list of Rules; ignore: regexes of HF keys that are buffers, not
+    weights; tied(cfg) -> {alias key: source key} for tensors that may be present in a
+    checkpoint but must equal their source (tied LM heads); normalize_key maps legacy
+    key spellings to the table's.
+    """
+
+    config_from_hf: Callable[[dict, str], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict]
+    weights: Callable[[ModelConfig], list[Rule]]
+    ignore: tuple[str, ...] = ()
+    tied: Callable[[ModelConfig], dict[str, str]] = lambda cfg: {}
+    normalize_key: Callable[[str], str] = lambda key: key
+
+
+# --- helpers the families' config translations share ------------------------------------
+
+def require(cond: bool, message: str) -> None:
+    """Raises CheckpointError(message) unless cond."""
+    if not cond:
+        raise CheckpointError(message)
+
+
+def get(hf: dict, key: str, default=None):
+    """hf[key], or `default` when it is absent or null (HF writes null for "use the default")."""
+    value = hf.get(key)
+    return default if value is None else value
+
+
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def token_ids_from_hf(hf: dict, defaults: tuple = (None, None, None)) -> dict:
+    """bos/eos/pad ids of an HF config dict (a list of eos ids becomes a tuple).
+
+    defaults: what transformers' config class falls back to when config.json leaves an
+    id out. Import fills these in, so the export means to transformers what the source
+    meant, and writes every id explicitly.
+    """
+    out = {}
+    for key, default in zip(TOKEN_ID_FIELDS, defaults):
+        value = hf[key] if key in hf else default
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def token_ids_to_hf(cfg: ModelConfig) -> dict:
+    """bos/eos/pad ids of a config as config.json writes them (several eos ids as a list)."""
+    return {key: list(v) if isinstance(v := getattr(cfg, key), tuple) else v for key in TOKEN_ID_FIELDS}

@@ -1,0 +1,165 @@
+"""Llama-style *ForCausalLM classes (Llama, Mistral, Qwen2, Qwen3, Gemma) <-> zoo Llama:
+config translation and weight table (zoo.hf.rules). The moe family builds on both."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zoo.configs import LlamaConfig
+from zoo.hf.rules import (
+    ArchSpec,
+    Rule,
+    get,
+    require,
+    token_ids_from_hf,
+    token_ids_to_hf,
+)
+
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+               "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma"}
+# What transformers' config classes fall back to when config.json leaves out bos/eos/pad (others: None).
+_TOKEN_DEFAULTS = {"LlamaForCausalLM": (1, 2, None), "MistralForCausalLM": (1, 2, None),
+                   "GemmaForCausalLM": (2, 1, 0)}
+_ACTIVATIONS_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+_ACTIVATIONS_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
+def _rope_from_hf(hf: dict, arch: str) -> tuple[float, tuple | None]:
+    """(rope_theta, Llama-3 scaling tuple or None) from either the transformers>=5
+    `rope_parameters` dict or the older top-level rope_theta/rope_scaling fields."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = params if params.get("rope_type", params.get("type")) not in (None, "default") else legacy
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    if kind in (None, "default"):
+        return float(theta), None
+    require(kind == "llama3", f"{arch}: rope scaling type {kind!r} is not supported (only 'llama3' or none)")
+    return float(theta), (float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                          float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+
+
+def _rope_to_hf(cfg: LlamaConfig) -> dict:
+    """Both spellings: transformers>=5 reads `rope_parameters`, older versions the rest."""
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    legacy = None
+    if cfg.rope_scaling is not None:
+        factor, low, high, original = cfg.rope_scaling
+        legacy = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                  "original_max_position_embeddings": original}
+        params.update(legacy)
+    return {"rope_parameters": params, "rope_theta": cfg.rope_theta, "rope_scaling": legacy}
+
+
+def config_from_hf(hf: dict, name: str, arch: str) -> LlamaConfig:
+    is_gemma = arch == "GemmaForCausalLM"
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if is_gemma else "silu")
+    if is_gemma and act == "gelu":
+        act = "gelu_pytorch_tanh"  # Gemma's released configs say "gelu" but mean the tanh form (as transformers)
+    require(act in _ACTIVATIONS_FROM_HF,
+            f"{arch}: hidden_act {act!r} is not supported (supported: {', '.join(_ACTIVATIONS_FROM_HF)})")
+    require(not hf.get("mlp_bias", False), f"{arch}: mlp_bias is not supported")
+    attention_bias = arch == "Qwen2ForCausalLM"
+    require(bool(hf.get("attention_bias", attention_bias)) == attention_bias,
+            f"{arch}: attention_bias={hf.get('attention_bias')} is not supported for this architecture")
+    require(not hf.get("use_sliding_window", False) or arch == "MistralForCausalLM",
+            f"{arch}: use_sliding_window (per-layer windows) is not supported")
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    require(layer_types <= {"full_attention"}, f"{arch}: layer_types {sorted(layer_types)} is not supported")
+    require(not hf.get("use_bidirectional_attention"), f"{arch}: use_bidirectional_attention is not supported")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        require(hf.get(key) is None, f"{arch}: {key} is not supported")
+    rope_theta, rope_scaling = _rope_from_hf(hf, arch)
+    d, n = hf["hidden_size"], hf["num_attention_heads"]
+    return LlamaConfig(
+        name=name, architecture=arch, vocab_size=hf["vocab_size"], hidden_size=d,
+        num_layers=hf["num_hidden_layers"], num_heads=n, num_kv_heads=get(hf, "num_key_value_heads", n),
+        head_dim=get(hf, "head_dim", d // n), intermediate_size=hf["intermediate_size"],
+        max_seq_len=get(hf, "max_position_embeddings", 2048), rope_theta=rope_theta, rope_scaling=rope_scaling,
+        rms_norm_eps=get(hf, "rms_norm_eps", 1e-6), tie_word_embeddings=bool(hf.get("tie_word_embeddings", is_gemma)),
+        sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
+        attention_bias=attention_bias, qk_norm=arch == "Qwen3ForCausalLM", norm_offset=is_gemma,
+        embed_scale=is_gemma, hidden_act=_ACTIVATIONS_FROM_HF[act],
+        **token_ids_from_hf(hf, _TOKEN_DEFAULTS.get(arch, (None, None, None))),
+    )
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict:
+    arch = cfg.architecture
+    # The switches are fixed per HF class; a combination no HF class implements cannot be exported.
+    expected = dict(attention_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM",
+                    norm_offset=arch == "GemmaForCausalLM", embed_scale=arch == "GemmaForCausalLM")
+    for field, value in expected.items():
+        require(getattr(cfg, field) == value, f"{cfg.name}: {arch} needs {field}={value}")
+    require(cfg.sliding_window is None or arch == "MistralForCausalLM",
+            f"{cfg.name}: sliding_window is only exported as MistralForCausalLM")
+    out = {
+        "architectures": [arch], "model_type": MODEL_TYPES[arch],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_norm_eps,
+        "hidden_act": _ACTIVATIONS_TO_HF[cfg.hidden_act], "tie_word_embeddings": cfg.tie_word_embeddings,
+        **_rope_to_hf(cfg), **token_ids_to_hf(cfg),
+    }
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM"):
+        out["attention_bias"] = False
+    if arch == "LlamaForCausalLM":
+        out["mlp_bias"] = False
+    if arch == "MistralForCausalLM":
+        out["sliding_window"] = cfg.sliding_window
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers,
+                   layer_types=["full_attention"] * cfg.num_layers)
+    return out
+
+
+def decoder_weights(cfg: LlamaConfig, mlp_rules: list[Rule]) -> list[Rule]:
+    """Embeddings, attention, norms and head of a Llama-style decoder, around `mlp_rules`."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    L = (("i", cfg.num_layers),)
+    a = "model.layers.{i}.self_attn."
+    rules = [
+        Rule("model.embed_tokens.weight", ("embed_tokens/embedding",), "copy", (v, d)),
+        Rule("model.layers.{i}.input_layernorm.weight", ("layers/attn_norm/scale",), "copy", (d,), L),
+        Rule(a + "q_proj.weight", ("layers/attn/q_proj/kernel",), "linear", (n * h, d), L),
+        Rule(a + "k_proj.weight", ("layers/attn/k_proj/kernel",), "linear", (k * h, d), L),
+        Rule(a + "v_proj.weight", ("layers/attn/v_proj/kernel",), "linear", (k * h, d), L),
+        Rule(a + "o_proj.weight", ("layers/attn/o_proj/kernel",), "linear", (d, n * h), L),
+        Rule("model.layers.{i}.post_attention_layernorm.weight", ("layers/mlp_norm/scale",), "copy", (d,), L),
+        *mlp_rules,
+        Rule("model.norm.weight", ("norm/scale",), "copy", (d,)),
+    ]
+    if cfg.attention_bias:
+        rules += [Rule(a + f"{x}_proj.bias", (f"layers/attn/{x}_proj/bias",), "copy", (heads * h,), L)
+                  for x, heads in (("q", n), ("k", k), ("v", k))]
+    if cfg.qk_norm:
+        rules += [Rule(a + f"{x}_norm.weight", (f"layers/attn/{x}_norm/scale",), "copy", (h,), L) for x in "qk"]
+    if not cfg.tie_word_embeddings:
+        rules.append(Rule("lm_head.weight", ("lm_head/kernel",), "linear", (v, d)))
+    return rules
+
+
+def weights(cfg: LlamaConfig) -> list[Rule]:
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    L = (("i", cfg.num_layers),)
+    m = "model.layers.{i}.mlp."
+    return decoder_weights(cfg, [
+        Rule(m + "gate_proj.weight", ("layers/mlp/gate_proj/kernel",), "linear", (f, d), L),
+        Rule(m + "up_proj.weight", ("layers/mlp/up_proj/kernel",), "linear", (f, d), L),
+        Rule(m + "down_proj.weight", ("layers/mlp/down_proj/kernel",), "linear", (d, f), L),
+    ])
+
+
+def decoder_spec(arch: str, config_from_hf, config_to_hf, weights) -> ArchSpec:
+    """The ArchSpec of a Llama-style decoder class: rotary buffers ignored, an optional tied head."""
+    return ArchSpec(
+        config_from_hf=lambda hf, name: config_from_hf(hf, name, arch), config_to_hf=config_to_hf, weights=weights,
+        ignore=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$",),
+        tied=lambda cfg: {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else {},
+    )
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {arch: decoder_spec(arch, config_from_hf, config_to_hf, weights)
+                                      for arch in LlamaConfig.ARCHITECTURES}

@@ -1,0 +1,50 @@
+"""RMSNorm and LayerNorm, statistics in float32."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from zoo.nn.linear import param_with_axes
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32. `offset`: Gemma's (1 + w) scaling with w init 0."""
+
+    eps: float = 1e-6
+    offset: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", param_with_axes(init, (self.axis_name,)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:  # Gemma multiplies in float32 before casting back
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with bias, statistics in float32."""
+
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", param_with_axes(nn.initializers.ones, ("embed",)), (d,), self.param_dtype)
+        bias = self.param("bias", param_with_axes(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
