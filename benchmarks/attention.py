@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from benchmarks.common import device_info, markdown_table, matmul_peak_tflops, time_fn, write_json, RESULTS_DIR
+from benchmarks.common import RESULTS_DIR, device_info, markdown_table, matmul_peak_tflops, time_fn, write_json
 from zoo.argtypes import non_negative_int, positive_int
 
 IMPLEMENTATIONS = ("xla", "pallas", "cudnn", "jax_pallas")
@@ -150,7 +150,8 @@ def main(argv=None):
                    help="sequence lengths (q_len = kv_len)")
     p.add_argument("--head-dims", type=positive_int, nargs="+", default=[64] if small else [64, 128],
                    help="head dimensions H (default: 64 on CPU, 64 128 elsewhere)")
-    p.add_argument("--batch", type=positive_int, default=1 if small else 4, help="batch B (default: 1 on CPU, 4 elsewhere)")
+    p.add_argument("--batch", type=positive_int, default=1 if small else 4,
+                   help="batch B (default: 1 on CPU, 4 elsewhere)")
     p.add_argument("--heads", type=positive_int, default=4 if small else 16,
                    help="query heads N (default: 4 on CPU, 16 elsewhere)")
     p.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads K (default: --heads, i.e. MHA)")

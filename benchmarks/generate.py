@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 import zoo
-from benchmarks.common import device_info, markdown_table, write_json, RESULTS_DIR
+from benchmarks.common import RESULTS_DIR, device_info, markdown_table, write_json
 from zoo.argtypes import positive_int
 
 
@@ -79,8 +79,8 @@ def main(argv=None):
             row = dict(impl=name, batch=b, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                        ttft_ms=t1 * 1e3, decode_tokens_per_s=b * (args.new_tokens - 1) / max(tn - t1, 1e-9))
             rows.append(row)
-            print(f"{name:>12} batch={b:<3} TTFT {row['ttft_ms']:.1f} ms  decode {row['decode_tokens_per_s']:.1f} tok/s",
-                  flush=True)
+            print(f"{name:>12} batch={b:<3} TTFT {row['ttft_ms']:.1f} ms  "
+                  f"decode {row['decode_tokens_per_s']:.1f} tok/s", flush=True)
     for b in args.batch_sizes:
         ours, theirs = (next(r for r in rows if r["impl"] == i and r["batch"] == b) for i in ("zoo", "transformers"))
         ours["speedup_vs_transformers"] = ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]

@@ -48,13 +48,12 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.common import RESULTS_DIR, device_info, markdown_table, time_train_steps, write_json
+from zoo.argtypes import non_negative_int, positive_int
 from zoo.configs import GPT2Config, LlamaConfig
 from zoo.sharding import make_mesh
 from zoo.training.optimizer import OptimConfig
 from zoo.training.step import make_trainer
-
-from benchmarks.common import RESULTS_DIR, device_info, markdown_table, time_train_steps, write_json
-from zoo.argtypes import non_negative_int, positive_int
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "PEER_RESULT "

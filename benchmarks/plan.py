@@ -1,21 +1,5 @@
-"""AOT planner: will a training run fit a TPU slice? Answered on this CPU host, no TPU needed.
-
-The FULL train step of train.py (zoo.training.step.make_trainer: the same model, optimizer, jit,
-shardings and donation as a real run) is lowered and compiled for a TPU topology
-described by libtpu (jax.experimental.topologies), then XLA's own memory analysis of
-the per-device program is read back:
-
-    per-device HBM = arguments + outputs + temporaries - aliased (donated state)
-
-and compared with the chip's HBM (CHIP_HBM_GIB). "fits" means that figure is at most
-the capacity; the runtime also needs some HBM of its own (a few hundred MiB), so a
-plan within ~2% of the capacity is a gamble.
-
-FLOPs are analytic: cfg.flops_per_token(seq_len) * tokens, i.e. 6 * matmul params +
-12 * layers * heads * head_dim * keys per token, keys = seq_len / 2 for causal attention
-(PaLM's count with MaxText's and FlashAttention's causal half; the MFU numerator of
-train.py), divided over the devices. XLA's cost_analysis counts the body
-of each loop once (layers are a scan), so its figure is printed beside it, not used.
+"""`python -m benchmarks.plan`: will a training run fit a TPU slice? The CLI and the README table
+over the planner in zoo/training/plan.py (which says how memory and FLOPs are counted).
 
     python -m benchmarks.plan --model llama3.1-8b --topology v5p:2x2x1 --mesh fsdp=-1 --batch-size 8 --seq-len 4096
     python -m benchmarks.plan --model llama3.1-70b --topology v5p-128 --batch-size 64 --seq-len 4096 --remat full
@@ -24,7 +8,6 @@ of each loop once (layers are a scan), so its figure is printed beside it, not u
 
 Topologies are libtpu names, GENERATION:SHAPE in chips ("v5e:2x2", "v5p:2x2x1",
 "v6e:4x4", "v4:2x2x1"), or Cloud slice names ("v5p-8", "v5litepod-16", "v6e-256").
-v5p-N and v4-N count TensorCores (2 per chip): v5p-8 is 4 chips, v5p:2x2x1.
 """
 
 from __future__ import annotations

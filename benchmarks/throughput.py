@@ -41,14 +41,13 @@ import numpy as np
 from tqdm import tqdm
 
 import zoo
+from benchmarks.common import RESULTS_DIR, device_info, markdown_table, time_train_steps, write_json
 from zoo import data
+from zoo.argtypes import non_negative_int, positive_int
 from zoo.sharding import make_mesh
 from zoo.training.metrics import peak_flops_per_device
 from zoo.training.optimizer import OptimConfig
 from zoo.training.step import make_trainer
-
-from benchmarks.common import RESULTS_DIR, device_info, markdown_table, time_train_steps, write_json
-from zoo.argtypes import non_negative_int, positive_int
 
 CPU_MODELS = ("tiny-gpt2", "tiny-llama", "small-llama", "gpt2-124m")
 LARGE_MODELS = ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b", "llama3.2-1b", "llama3.2-3b", "llama3.1-8b")
@@ -145,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"presets to measure (default on CPU: {' '.join(CPU_MODELS)}; elsewhere: the --large list)")
     p.add_argument("--large", action="store_true", help=f"measure {' '.join(LARGE_MODELS)} (where memory allows)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="global batch in rows (default: 8)")
-    p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per row (default: 128 on CPU, 1024 elsewhere)")
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help="tokens per row (default: 128 on CPU, 1024 elsewhere)")
     p.add_argument("--steps", type=positive_int, default=None, help="timed steps (default: 3 on CPU, 20 elsewhere)")
-    p.add_argument("--warmup", type=non_negative_int, default=None, help="untimed steps after compiling (default: 1 on CPU, 3 "
-                                                            "elsewhere)")
+    p.add_argument("--warmup", type=non_negative_int, default=None,
+                   help="untimed steps after compiling (default: 1 on CPU, 3 elsewhere)")
     p.add_argument("--devices", type=positive_int, default=None, help="use the first N local devices (default: all)")
     p.add_argument("--mesh", default="fsdp=-1", help="mesh over the local devices, as train.py's --mesh "
                                                      "(default: %(default)s)")
@@ -195,8 +195,8 @@ def main(argv=None) -> dict:
     dev = device_info()
     payload = dict(device=dev, peak_flops_per_device=peak, peak_flops_source=peak_source, mesh=args.mesh,
                    mfu_formula="flops_per_token(seq_len) * tokens_per_s / (devices * peak_flops_per_device); "
-                               "flops_per_token = 6 * matmul params + 12 * layers * heads * head_dim * keys (seq_len / 2 "
-                               "causal)",
+                               "flops_per_token = 6 * matmul params + 12 * layers * heads * head_dim * keys "
+                               "(seq_len / 2 causal)",
                    rows=rows)
     path = write_json(args.name or f"throughput_{platform}", payload, args.out)
     png = plot(rows, path.with_suffix(".png"))

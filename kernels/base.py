@@ -245,15 +245,16 @@ def q_block_range(cfg: Config, ki, block_q: int, block_kv: int):
     return lo, hi
 
 
-def positions(cfg: Config, q_start, key_start, block_q: int, block_kv: int, transposed=False):
-    """(q_pos, key_pos) int32 [block_q, block_kv] ([block_kv, block_q] if transposed) for the
-    tile whose first row/key are q_start/key_start, or (None, None) when no mask needs them."""
-    if not (cfg.banded or (cfg.kv_padded and not cfg.has_segment_ids)):
-        return None, None
-    shape, q_axis = ((block_kv, block_q), 1) if transposed else ((block_q, block_kv), 0)
-    q_pos = q_start + cfg.q_offset + lax.broadcasted_iota(jnp.int32, shape, q_axis)
-    key_pos = key_start + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
-    return q_pos, key_pos
+def tile_keep_mask(cfg: Config, q_start, key_start, block_q: int, block_kv: int, q_ids=None, kv_ids=None,
+                   transposed=False):
+    """Keep-mask of the [block_q, block_kv] tile ([block_kv, block_q] if transposed) whose first
+    row/key are q_start/key_start, given its ids broadcastable against it; None if nothing is masked."""
+    q_pos = key_pos = None
+    if cfg.banded or (cfg.kv_padded and not cfg.has_segment_ids):
+        shape, q_axis = ((block_kv, block_q), 1) if transposed else ((block_q, block_kv), 0)
+        q_pos = q_start + cfg.q_offset + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+        key_pos = key_start + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
+    return cfg.keep_mask(q_pos, key_pos, q_ids, kv_ids)
 
 
 # ----------------------------------------------------------------------------

@@ -40,12 +40,6 @@ class BlockSizes(base.BlockSizes):
     tiles for head_dim 256 so a q tile, two K/V stages and the accumulator fit in
     shared memory/registers.
     """
-    block_q: int = 128
-    block_kv: int = 64
-    block_q_dq: int = 64
-    block_kv_dq: int = 64
-    block_q_dkv: int = 64
-    block_kv_dkv: int = 64
     num_warps: int | None = None  # None: 4 for head_dim <= 64, else 8.
     num_stages: int = 2
     MIN_BLOCK: ClassVar[int] = _MIN_BLOCK
@@ -54,9 +48,8 @@ class BlockSizes(base.BlockSizes):
     def for_head_dim(cls, head_dim: int) -> BlockSizes:
         """Default tiles for a (padded) head dim."""
         if head_dim > 128:
-            return cls(block_q=64, block_kv=32, block_q_dq=32, block_kv_dq=32,
-                       block_q_dkv=32, block_kv_dkv=32)
-        return cls()
+            return cls(block_q=64, block_kv=32, block_q_dq=32, block_kv_dq=32, block_q_dkv=32, block_kv_dkv=32)
+        return cls(block_q=128, block_kv=64, block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64)
 
 
 def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
@@ -92,12 +85,9 @@ def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
     return out[:, :cfg.q_len, :, :head_dim]
 
 
-def _tile_mask(cfg: Config, q_start, k_start, block_q, block_k, q_ids, kv_ids):
-    """[block_q, block_k] keep-mask of one tile (ids: its [block_q] / [block_k] slices)."""
-    q_pos, key_pos = base.positions(cfg, q_start, k_start, block_q, block_k)
-    if q_ids is None:
-        return cfg.keep_mask(q_pos, key_pos)
-    return cfg.keep_mask(q_pos, key_pos, q_ids[:, None], kv_ids[None, :])
+def _tile_ids(q_ids, kv_ids_ref, k_slice):
+    """(q ids as a column, the kv tile's ids as a row) for `base.tile_keep_mask`, or ()."""
+    return () if q_ids is None else (q_ids[:, None], kv_ids_ref[k_slice][None, :])
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, *,
@@ -111,8 +101,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, *,
         acc, m, l = carry
         k_slice = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         s, _ = base.logits(cfg, q, k_ref[k_slice, :])
-        mask = _tile_mask(cfg, q_block * block_q, j * block_k, block_q, block_k, q_ids,
-                          None if kv_ids_ref is None else kv_ids_ref[k_slice])
+        mask = base.tile_keep_mask(cfg, q_block * block_q, j * block_k, block_q, block_k,
+                                   *_tile_ids(q_ids, kv_ids_ref, k_slice))
         if mask is not None:
             s = jnp.where(mask, s, base.MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -146,8 +136,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref,
     def body(j, dq):
         k_slice = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         k = k_ref[k_slice, :]
-        mask = _tile_mask(cfg, q_block * block_q, j * block_k, block_q, block_k, q_ids,
-                          None if kv_ids_ref is None else kv_ids_ref[k_slice])
+        mask = base.tile_keep_mask(cfg, q_block * block_q, j * block_k, block_q, block_k,
+                                   *_tile_ids(q_ids, kv_ids_ref, k_slice))
         _, ds = base.probs_and_dlogits(cfg, q, k, do, v_ref[k_slice, :], lse, delta, mask)
         return dq + base.matmul(ds.astype(k.dtype), k)
 
@@ -173,8 +163,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref,
         q_slice = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
         q = q_ref[q_slice, g, :]
         do = do_ref[q_slice, g, :]
-        mask = _tile_mask(cfg, i * block_q, k_block * block_k, block_q, block_k,
-                          None if q_ids_ref is None else q_ids_ref[q_slice], kv_ids)
+        ids = () if kv_ids is None else (q_ids_ref[q_slice][:, None], kv_ids[None, :])
+        mask = base.tile_keep_mask(cfg, i * block_q, k_block * block_k, block_q, block_k, *ids)
         p, ds = base.probs_and_dlogits(cfg, q, k, do, v, lse_ref[g, q_slice][:, None],
                                        delta_ref[g, q_slice][:, None], mask)
         dv = dv + base.matmul_tn(p.astype(do.dtype), do)

@@ -44,12 +44,6 @@ _SQUEEZED = pl.Squeezed()
 @dataclasses.dataclass(frozen=True)
 class BlockSizes(base.BlockSizes):
     """Tile sizes of the TPU kernels: 128 (TPU lanes) times a power of two."""
-    block_q: int = 512
-    block_kv: int = 512
-    block_q_dq: int = 512
-    block_kv_dq: int = 256
-    block_q_dkv: int = 256
-    block_kv_dkv: int = 512
     MIN_BLOCK: ClassVar[int] = _LANES
 
     @classmethod
@@ -57,7 +51,8 @@ class BlockSizes(base.BlockSizes):
         """Defaults per lowering platform: big tiles on TPU; 128 elsewhere (interpret
         mode, where small tiles keep the serial grid loop cheap to trace)."""
         if platform == "tpu":
-            return cls()
+            return cls(block_q=512, block_kv=512, block_q_dq=512, block_kv_dq=256, block_q_dkv=256,
+                       block_kv_dkv=512)
         return cls(*(_LANES,) * 6)
 
 
@@ -125,6 +120,11 @@ def _column_to_row(col):
     return jnp.sum(jnp.where(_diagonal(n), col, jnp.zeros((), col.dtype)), axis=0, keepdims=True)
 
 
+def _zero(*refs):
+    for ref in refs:
+        ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+
 def _fill_lanes(ref, col):
     ref[...] = jnp.broadcast_to(col, ref.shape)
 
@@ -147,8 +147,7 @@ def _fwd_kernel(*refs, cfg: Config):
     @pl.when(ki == 0)
     def _init():
         m_ref[...] = jnp.full(m_ref.shape, base.MASK_VALUE, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        _zero(l_ref, acc_ref)
         if cfg.has_segment_ids:
             _fill_lanes(q_ids_col, _row_to_column(q_ids_ref[:1, :]))
 
@@ -157,9 +156,8 @@ def _fwd_kernel(*refs, cfg: Config):
     @pl.when((ki >= lo) & (ki <= hi))
     def _step():
         s, _ = base.logits(cfg, q_ref[...], k_ref[...])
-        q_pos, key_pos = base.positions(cfg, qi * bq, ki * bk, bq, bk)
-        ids = (_column(q_ids_col), kv_ids_ref[:1, :]) if cfg.has_segment_ids else (None, None)
-        keep = cfg.keep_mask(q_pos, key_pos, *ids)
+        ids = (_column(q_ids_col), kv_ids_ref[:1, :]) if cfg.has_segment_ids else ()
+        keep = base.tile_keep_mask(cfg, qi * bq, ki * bk, bq, bk, *ids)
         if keep is not None:
             s = jnp.where(keep, s, base.MASK_VALUE)
         m_prev = _column(m_ref)
@@ -195,7 +193,7 @@ def _dq_kernel(*refs, cfg: Config):
 
     @pl.when(ki == 0)
     def _init():
-        dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
+        _zero(dq_acc)
         _fill_lanes(lse_col, _row_to_column(lse_ref[:1, :]))
         _fill_lanes(delta_col, _row_to_column(delta_ref[:1, :]))
         if cfg.has_segment_ids:
@@ -206,9 +204,8 @@ def _dq_kernel(*refs, cfg: Config):
     @pl.when((ki >= lo) & (ki <= hi))
     def _step():
         k = k_ref[...]
-        q_pos, key_pos = base.positions(cfg, qi * bq, ki * bk, bq, bk)
-        ids = (_column(q_ids_col), kv_ids_ref[:1, :]) if cfg.has_segment_ids else (None, None)
-        keep = cfg.keep_mask(q_pos, key_pos, *ids)
+        ids = (_column(q_ids_col), kv_ids_ref[:1, :]) if cfg.has_segment_ids else ()
+        keep = base.tile_keep_mask(cfg, qi * bq, ki * bk, bq, bk, *ids)
         _, ds = base.probs_and_dlogits(cfg, q_ref[...], k, do_ref[...], v_ref[...],
                                        _column(lse_col), _column(delta_col), keep)
         dq_acc[...] += base.matmul(ds.astype(k.dtype), k)
@@ -232,8 +229,7 @@ def _dkv_kernel(*refs, cfg: Config):
 
     @pl.when((g == 0) & (qi == 0))
     def _init():
-        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
-        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+        _zero(dk_acc, dv_acc)
         if cfg.has_segment_ids:
             _fill_lanes(kv_ids_col, _row_to_column(kv_ids_ref[:1, :]))
 
@@ -242,9 +238,8 @@ def _dkv_kernel(*refs, cfg: Config):
     @pl.when((qi >= lo) & (qi <= hi))
     def _step():
         q, do = q_ref[...], do_ref[...]
-        q_pos, key_pos = base.positions(cfg, qi * bq, ki * bk, bq, bk, transposed=True)
         ids = (q_ids_ref[:1, :], _column(kv_ids_col)) if cfg.has_segment_ids else (None, None)
-        keep = cfg.keep_mask(q_pos, key_pos, *ids)
+        keep = base.tile_keep_mask(cfg, qi * bq, ki * bk, bq, bk, *ids, transposed=True)
         pt, dst = base.probs_and_dlogits(cfg, k_ref[...], q, v_ref[...], do,
                                          lse_ref[:1, :], delta_ref[:1, :], keep)
         dv_acc[...] += base.matmul(pt.astype(do.dtype), do)

@@ -26,10 +26,10 @@ TINY_TRAIN = ["--model", "tiny-llama", "--data", "corpus.txt", "--steps", "2", "
               "--sample-tokens", "8", "--no-progress"]
 NOT_RUN = {
     "python -m pytest": "the test suite itself",
-    "python -m zoo eval --model runs/t5-ft --data dev.jsonl": "needs the fine-tuned T5 run of the fine-tuning "
-                                                              "section (tests/test_finetune.py covers eval on one)",
+    "python -m zoo eval --model runs/t5-ft --data dev.jsonl": "needs the fine-tuned T5 run of the fine-tuning section "
+                                                              "(test_finetune.py covers eval on one)",
     "python -m zoo eval --model runs/classify --data dev.jsonl": "needs the fine-tuned classifier of the fine-tuning "
-                                                                "section (tests/test_finetune.py covers eval on one)",
+                                                                "section (test_finetune.py covers eval on one)",
 }
 
 

@@ -34,8 +34,15 @@ from zoo.eval import class_logits, classification_metrics, cross_entropy, genera
 from zoo.hf.convert import copy_side_files
 from zoo.inference import generate
 from zoo.paths import check_new_dir, check_writable_parent, open_for_writing, resolve, staged_dir
-from zoo.pretrained import (EvalError, check_vocab, find_tokenizer, is_hf_dir, is_run_dir, load_pretrained,
-                            write_run_metadata)
+from zoo.pretrained import (
+    EvalError,
+    check_vocab,
+    find_tokenizer,
+    is_hf_dir,
+    is_run_dir,
+    load_pretrained,
+    write_run_metadata,
+)
 
 PROG = "python -m zoo"
 DTYPES = ("float32", "bfloat16", "float16")

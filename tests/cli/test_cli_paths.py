@@ -20,8 +20,15 @@ import pytest
 
 from zoo import __main__ as cli
 from zoo.eval import perplexity
-from zoo.pretrained import (EvalError, find_tokenizer, is_hf_dir, is_run_dir, latest_checkpoint, load_pretrained,
-                            restore_params)
+from zoo.pretrained import (
+    EvalError,
+    find_tokenizer,
+    is_hf_dir,
+    is_run_dir,
+    latest_checkpoint,
+    load_pretrained,
+    restore_params,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORDS = "the cat dog sat ran on under mat rug red blue big small and then a".split()

@@ -162,8 +162,9 @@ def test_zoo_config_json_without_token_ids_still_loads():
 def _hf_checkpoint(family, path, tokens, specials, **ids):
     """A tiny HF checkpoint saved with a word-level fast tokenizer and a generation config."""
     import transformers
-    from hf_utils import make_model, save
     from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from hf_utils import make_model, save
 
     model = make_model(family, **ids)
     model.generation_config = transformers.GenerationConfig(**ids, do_sample=True, temperature=0.7, top_k=5)

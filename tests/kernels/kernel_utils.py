@@ -5,8 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import base
+from kernels import base, gpu_triton
 
+# GPU tiles of 16 rows, so that even short sequences span several blocks (online
+# softmax, block skipping, sequence padding).
+SMALL_GPU_BLOCKS = gpu_triton.BlockSizes(*(16,) * 6)
 # Logical rules as zoo/sharding.py writes them (kernels/ never names mesh axes).
 RULES = [("batch", ("data", "fsdp")), ("length", "sequence"), ("heads", "tensor"),
          ("kv_heads", "tensor"), ("head_dim", None)]

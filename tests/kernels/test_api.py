@@ -9,9 +9,10 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 import kernels
-from kernel_utils import RULES, direct, segments, value_and_grads
 from kernels import reference_attention, tpu
 from kernels.gpu_triton import cuda_lowering_device
+
+from kernel_utils import RULES, direct, segments, value_and_grads
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2])

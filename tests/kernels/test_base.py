@@ -16,7 +16,7 @@ def test_block_ranges_cover_the_mask_and_stay_in_bounds(T, S, causal, window, bq
     maps never point outside the padded arrays (Mosaic would read out of bounds)."""
     options = base.Options(causal=causal, scale=1.0, sliding_window=window, logits_soft_cap=None)
     cfg = base.Config(**vars(options), q_len=T, kv_len=S, groups=1, has_segment_ids=False,
-                      kv_padded=True, blocks=tpu.BlockSizes(), interpret=True)
+                      kv_padded=True, blocks=tpu.BlockSizes.for_platform("tpu"), interpret=True)
     num_q, num_kv = -(-T // 512) * 512 // bq, -(-S // 512) * 512 // bk  # padded to 512
     mask = np.zeros((num_q * bq, num_kv * bk), bool)
     keep = options.keep_mask(jnp.arange(T)[:, None] + (S - T), jnp.arange(S)[None, :])
@@ -35,6 +35,6 @@ def test_block_ranges_cover_the_mask_and_stay_in_bounds(T, S, causal, window, bq
 def test_tiles_are_clipped_to_the_lengths_and_lengths_padded_to_the_largest_tile():
     options = base.Options(causal=True, scale=1.0, sliding_window=None, logits_soft_cap=None)
     cfg, T_pad, S_pad = base.configure(options, (2, 200, 4, 64), (2, 1000, 2, 64), has_segment_ids=False,
-                                       blocks=tpu.BlockSizes(), interpret=False)
+                                       blocks=tpu.BlockSizes.for_platform("tpu"), interpret=False)
     assert (cfg.blocks.block_q, cfg.blocks.block_q_dkv, cfg.blocks.block_kv) == (256, 256, 512)
     assert (T_pad, S_pad) == (256, 1024) and cfg.kv_padded and cfg.groups == 2 and cfg.q_offset == 800

@@ -7,18 +7,18 @@ mode, called as `kernels.attention` calls it. Cases cover causal, packed segment
 ids with padding, GQA/MQA, sliding windows, soft caps, q_len != kv_len, head dims
 from 64 to 256, and rows with nothing to attend to (which must give zeros)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kernels
-from kernel_utils import check_close, compiled, direct, inputs, segments, value_and_grads
 from kernels import gpu_triton, reference_attention
 
-# Small GPU tiles, so that even short sequences span several blocks (online softmax,
-# block skipping, sequence padding).
-SMALL_GPU_BLOCKS = gpu_triton.BlockSizes(*(16,) * 6)
+from kernel_utils import SMALL_GPU_BLOCKS, check_close, compiled, direct, inputs, segments, value_and_grads
+
 IMPLEMENTATIONS = {
     "xla": lambda q, k, v, **kw: kernels.attention(q, k, v, implementation="xla", **kw),
     "pallas": lambda q, k, v, **kw: kernels.attention(q, k, v, implementation="pallas", **kw),
@@ -57,6 +57,7 @@ CASES = {
         T=140, S=333, causal=True, sliding_window=129,
         segment_ids=lambda: (segments(_PACKED, 333)[:, -140:], segments(_PACKED, 333))),
     "ragged_lengths": dict(T=37, S=53, N=2, K=1),
+    "ragged_causal": dict(T=50, N=2, K=2, causal=True),
     "head_dim_96": dict(H=96, causal=True),
     "head_dim_128": dict(H=128, T=512, N=2, K=1),
     "head_dim_192_segments": dict(
@@ -87,10 +88,18 @@ def _padding(options):
 
 
 def test_cases_have_the_padding_they_test():
-    (_, options) = _problem("packed_3_segments_and_padding", jnp.float32)
-    assert _padding(options)[0].sum() > 100
-    (_, options) = _problem("segments_all_padding_row", jnp.float32)
-    assert _padding(options)[0][2].all()
+    assert _padding(dict(segment_ids=CASES["packed_3_segments_and_padding"]["segment_ids"]()))[0].sum() > 100
+    assert _padding(dict(segment_ids=CASES["segments_all_padding_row"]["segment_ids"]()))[0][2].all()
+
+
+@functools.cache
+def _reference(name, dtype):
+    """The oracle for a case, shared by every implementation: the float32 reference's value
+    and grads on the same (possibly bf16-rounded) inputs."""
+    (q, k, v, do), options = _problem(name, jnp.dtype(dtype))
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    return compiled(lambda *a: value_and_grads(lambda q, k, v: reference_attention(q, k, v, **options), *a),
+                    *f32, do)
 
 
 @pytest.mark.parametrize("name, dtype", [(n, "float32") for n in CASES] +
@@ -100,10 +109,7 @@ def test_matches_reference(implementation, name, dtype):
     (q, k, v, do), options = _problem(name, jnp.dtype(dtype))
     fn = IMPLEMENTATIONS[implementation]
     got = compiled(lambda *a: value_and_grads(lambda q, k, v: fn(q, k, v, **options), *a), q, k, v, do)
-    # The oracle: float32 reference on the same (possibly bf16-rounded) inputs.
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    want = compiled(lambda *a: value_and_grads(
-        lambda q, k, v: reference_attention(q, k, v, **options), *a), *f32, do)
+    want = _reference(name, dtype)
     tol = TOL[dtype]
     # bf16 gradients are returned in bf16, whose 8 significant bits space values in
     # [8, 16) 2**-4 apart: rounding a gradient of ~9 alone moves it by up to 0.031,

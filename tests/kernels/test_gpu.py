@@ -5,6 +5,7 @@
     StableHLO); (c) a real-GPU run, marked `gpu` (excluded by default).
 """
 
+import dataclasses
 import re
 
 import jax
@@ -13,12 +14,13 @@ import numpy as np
 import pytest
 
 import kernels
-from kernel_utils import check_close, compiled, direct, inputs, segments, value_and_grads
 from kernels.gpu_triton import BlockSizes, cuda_lowering_device, flash_attention
 from kernels.reference import reference_attention
 
-SMALL = BlockSizes(*(16,) * 6)
+from kernel_utils import SMALL_GPU_BLOCKS, check_close, compiled, direct, inputs, segments, value_and_grads
+
 TRITON_CALL = "stablehlo.custom_call @__gpu$xla.gpu.triton"
+_small_tiles = direct(flash_attention, block_sizes=SMALL_GPU_BLOCKS, interpret=True)
 
 
 def _vjp(fn, q, k, v, do):
@@ -42,7 +44,7 @@ def test_causal_skips_blocks_above_diagonal():
     # only if those tiles are never visited, since 0 * NaN = NaN in p @ v.
     q, k, v, do = inputs((1, 64, 2, 64), (1, 64, 2, 64), jnp.float32)
     v_nan = v.at[:, 16:].set(jnp.nan)
-    fn = lambda q, k, v: direct(flash_attention, block_sizes=SMALL, interpret=True)(q, k, v, causal=True)
+    fn = lambda q, k, v: _small_tiles(q, k, v, causal=True)
     out, (dq, _, _) = _vjp(fn, q, k, v_nan, do.at[:, 16:].set(0.0))
     ref = reference_attention(q, k, v, causal=True)
     np.testing.assert_allclose(out[:, :16], ref[:, :16], atol=1e-5, rtol=1e-5)
@@ -56,7 +58,7 @@ def test_causal_skips_blocks_above_diagonal():
 
 def test_sliding_window_skips_blocks_left_of_window():
     q, k, v, do = inputs((1, 64, 2, 64), (1, 64, 2, 64), jnp.float32)
-    fn = lambda q, k, v: direct(flash_attention, block_sizes=SMALL, interpret=True)(q, k, v, sliding_window=16)
+    fn = lambda q, k, v: _small_tiles(q, k, v, sliding_window=16)
     out, (dq, _, _) = _vjp(fn, q, k, v.at[:, :16].set(jnp.nan), do)
     ref = reference_attention(q, k, v, sliding_window=16)
     np.testing.assert_allclose(out[:, 32:], ref[:, 32:], atol=1e-5, rtol=1e-5)
@@ -72,7 +74,7 @@ def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="divide"):
         direct(flash_attention, interpret=True)(q, k, v)
     with pytest.raises(ValueError, match="power of two"):
-        BlockSizes(block_q=24)
+        dataclasses.replace(BlockSizes.for_head_dim(64), block_q=24)
 
 
 # ---------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """The TPU kernel (kernels/tpu.py) beyond the conformance suite: tile configurations
 the default dispatch does not use, and block-size validation."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import pytest
 
-from kernel_utils import check_close, compiled, direct, inputs, segments, value_and_grads
 from kernels import reference_attention, tpu
+
+from kernel_utils import check_close, compiled, direct, inputs, segments, value_and_grads
 
 
 def test_block_sizes_spanning_several_kv_blocks_per_q_block():
@@ -25,4 +28,4 @@ def test_block_sizes_spanning_several_kv_blocks_per_q_block():
 
 def test_block_sizes_are_validated():
     with pytest.raises(ValueError, match="128"):
-        tpu.BlockSizes(block_q=192)
+        dataclasses.replace(tpu.BlockSizes.for_platform("tpu"), block_q=192)

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from jax.experimental import topologies
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 import kernels
+
 from kernel_utils import RULES
 
 pytestmark = pytest.mark.tpu_aot

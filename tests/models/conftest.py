@@ -13,9 +13,9 @@ import json
 import jax
 import pytest
 
-import train
 import zoo
 from zoo import registry
+from zoo.training.main import main as train_main
 
 from step_utils import packed_batch, single_and_sharded_step
 
@@ -66,24 +66,29 @@ def hf_export(hf_checkpoint, tmp_path_factory):
     return _cached(make)
 
 
-def sharded_spec(cfg) -> str:
-    """An 8-device mesh that splits every kind of weight: experts too where the model has them."""
-    return "fsdp=2,expert=2,tensor=2" if getattr(cfg, "num_experts", 0) else "data=2,fsdp=2,tensor=2"
+def sharded_spec(cfg) -> tuple[str, int]:
+    """An 8-device mesh that splits every kind of weight, and the micro-batches per step:
+    experts split too where the model has them, over two micro-batches so that the
+    auxiliary losses' accumulation is checked as well."""
+    if getattr(cfg, "num_experts", 0):
+        return "fsdp=2,expert=2,tensor=2", 2
+    return "data=2,fsdp=2,tensor=2", 1
 
 
 @pytest.fixture(scope="session")
 def sharded_step():
     """family -> (cfg, single, sharded, start): one train step of the family's tiny preset with
-    its pretraining objective (two accumulated micro-batches) on one device and on
-    `sharded_spec` over 8, from the same state (see tests/step_utils.py)."""
+    its pretraining objective on one device and on `sharded_spec` over 8, from the same
+    state (see tests/step_utils.py)."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 fake CPU devices (tests/conftest.py)")
 
     def make(family):
         cfg = zoo.config(tiny_preset(family), dtype="float32", param_dtype="float32")
         objective = registry.FAMILIES[family].objectives[0]
-        single, sharded, start = single_and_sharded_step(cfg, packed_batch(cfg.vocab_size), sharded_spec(cfg),
-                                                         objective=objective, grad_accum=2)
+        spec, grad_accum = sharded_spec(cfg)
+        single, sharded, start = single_and_sharded_step(cfg, packed_batch(cfg.vocab_size), spec,
+                                                         objective=objective, grad_accum=grad_accum)
         return cfg, single, sharded, start
 
     return _cached(make)
@@ -103,7 +108,7 @@ def pretrain_run(tmp_path_factory):
                 "--steps", str(PRETRAIN_STEPS), "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3",
                 "--data-max-bytes", "300000", "--out", str(out), "--no-progress", "--sample-tokens", "0",
                 "--checkpoint-every", str(PRETRAIN_STEPS)]
-        summary = train.main(argv)
+        summary = train_main(argv)
         assert isinstance(summary, dict), summary
         with open(out / "metrics.jsonl") as f:
             records = [json.loads(line) for line in f]

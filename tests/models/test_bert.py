@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import train
 import zoo
 from zoo import objectives
 from zoo.hf.rules import CheckpointError
 from zoo.sharding import make_mesh
+from zoo.training.optimizer import OptimConfig
+from zoo.training.step import init_state, make_trainer, mesh_context
 
 from hf_utils import model_inputs, torch_outputs
 from step_utils import shard_shapes
@@ -170,12 +171,12 @@ def test_mlm_loss_counts_only_masked_positions():
 
 
 def test_classification_learns_through_the_shared_train_step():
-    """cls objective: the one jitted train step (train.make_trainer) fits a batch's labels."""
+    """cls objective: the one jitted train step (zoo.training.step) fits a batch's labels."""
     cfg = zoo.config("tiny-bert-cls")
     mesh = make_mesh("fsdp=1", jax.devices()[:1])
-    opt = train.OptimConfig(lr=3e-3, warmup_steps=0, decay_steps=40)
-    trainer = train.make_trainer(cfg, mesh, opt, objective="cls", batch_size=16, seq_len=16)
-    state = train.init_state(trainer, mesh, seed=0)
+    opt = OptimConfig(lr=3e-3, warmup_steps=0, decay_steps=40)
+    trainer = make_trainer(cfg, mesh, opt, objective="cls", batch_size=16, seq_len=16)
+    state = init_state(trainer, mesh, seed=0)
     rng = np.random.default_rng(0)
     ids = rng.integers(4, 512, size=(16, 16)).astype(np.int32)
     labels = rng.integers(0, 2, size=16).astype(np.int32)
@@ -184,7 +185,7 @@ def test_classification_learns_through_the_shared_train_step():
     batch = {"input_ids": ids, "segment_ids": seg, "labels": np.repeat(labels[:, None], 16, 1)}
     losses = []
     for _ in range(40):  # memorise one batch
-        with train.mesh_context(mesh):
+        with mesh_context(mesh):
             state, metrics = trainer.step(state, {k: jax.device_put(v, trainer.batch_sharding)
                                                   for k, v in batch.items()})
         losses.append(float(metrics["loss"]))
@@ -201,5 +202,6 @@ def test_mlm_pretraining_loss_falls_by_half_a_nat(pretrain_run):
 def test_sharded_mlm_step_splits_params(sharded_step):
     """The contract's data=2,fsdp=2,tensor=2 step: how BERT's weights are split."""
     params = sharded_step("bert")[3]["params"]
-    assert shard_shapes(params["layers"]["mlp"]["fc_in"]["kernel"]) == {(2, 32, 64)}  # [L, D, F]: embed->fsdp, mlp->tensor
-    assert shard_shapes(params["layers"]["attn"]["q_proj"]["kernel"]) == {(2, 32, 2, 16)}  # [L, D, N, H]: heads->tensor
+    # [L, D, F]: embed->fsdp, mlp->tensor; [L, D, N, H]: heads->tensor
+    assert shard_shapes(params["layers"]["mlp"]["fc_in"]["kernel"]) == {(2, 32, 64)}
+    assert shard_shapes(params["layers"]["attn"]["q_proj"]["kernel"]) == {(2, 32, 2, 16)}

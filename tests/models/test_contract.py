@@ -26,8 +26,15 @@ from zoo import registry
 from zoo.hf.convert import config_from_hf, config_to_hf
 from zoo.hf.rules import CheckpointError
 
-from hf_utils import (CHECKPOINTS, EXPORTED_FILES, TENSOR_DAMAGE, check_damaged_checkpoint, check_to_hf_is_atomic,
-                      model_inputs, torch_outputs)
+from hf_utils import (
+    CHECKPOINTS,
+    EXPORTED_FILES,
+    TENSOR_DAMAGE,
+    check_damaged_checkpoint,
+    check_to_hf_is_atomic,
+    model_inputs,
+    torch_outputs,
+)
 from step_utils import assert_same_step, shard_shapes
 
 PARITY_ATOL = 1e-4  # float32 import vs PyTorch
@@ -38,6 +45,8 @@ CASES = [pytest.param(family, name, id=name) for family, record in registry.FAMI
 # Where a check cannot hold for reasons outside the zoo: strict xfails, so a fix shows.
 CONFIG_GAPS = {name: "mask_token_id is the tokenizer's, not in an HF BERT config.json"
                for name in ("tiny-bert", "tiny-bert-cls")}
+# GPT-2's key bias has a gradient that is zero in exact arithmetic: its reduction-order noise
+# (~6e-5 relative) exceeds step_utils' 1e-5 floor. Not strict: the noise may fall under it.
 PARAM_COUNT_GAPS = {name: "transformers 5 always ties the T5 head when it builds from a config"
                     for name in ("flan-t5-base", "tiny-t5-v1.1")}
 

@@ -15,12 +15,13 @@ import pytest
 from flax import linen as nn
 from safetensors.numpy import load_file, save_file
 
-import train
 import zoo
 from zoo.hf.convert import config_from_hf, config_to_hf
 from zoo.hf.rules import CheckpointError
 from zoo.models.moe import model as moe
 from zoo.sharding import make_mesh
+from zoo.training.optimizer import OptimConfig
+from zoo.training.step import make_trainer
 
 from hf_utils import model_inputs
 from step_utils import shard_shapes
@@ -221,7 +222,7 @@ def test_mixtral_8x7b_train_step_compiles_for_tpu_with_expert_parallelism():
     devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x4").devices
     mesh = make_mesh("fsdp=8,expert=2", devices=devices)
     cfg = zoo.config("mixtral-8x7b")
-    tr = train.make_trainer(cfg, mesh, train.OptimConfig(), batch_size=16, seq_len=256)
+    tr = make_trainer(cfg, mesh, OptimConfig(), batch_size=16, seq_len=256)
     memory = tr.step.memory_analysis()
     n_params = zoo.param_count(cfg)
     state_bytes = 3 * 4 * n_params  # float32 params, mu, nu

@@ -14,12 +14,13 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import zoo
 from zoo import data
 from zoo.training.main import main
+
+from run_utils import saved_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "great", "bad", "awful", "the", "a", "movie", "plot",
@@ -29,16 +30,6 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "great", "bad", "
 def _env() -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                 XLA_FLAGS="--xla_force_host_platform_device_count=8")
-
-
-def _saved_params(out, step: int):
-    path = os.path.join(os.path.abspath(out), "checkpoints", str(step), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    meta = checkpointer.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), getattr(meta, "tree", meta))
-    return jax.device_get(checkpointer.restore(path, target)["params"])
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +63,7 @@ def test_finetune_sigterm_checkpoints_exits_0_and_resumes_bitwise(classify_input
     reference = tmp_path / "reference"
     summary = main(_finetune_argv(classify_inputs, reference))
     assert isinstance(summary, dict) and summary["steps"] == EPOCHS * 6
-    expected = _saved_params(reference, EPOCHS * 6)
+    expected = saved_params(reference, EPOCHS * 6)
 
     out = tmp_path / "run"
     argv = [sys.executable, "train.py", *_finetune_argv(classify_inputs, out)]
@@ -94,7 +85,7 @@ def test_finetune_sigterm_checkpoints_exits_0_and_resumes_bitwise(classify_input
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"from its checkpoint at step {stopped}" in again.stdout
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(expected),
-                            jax.tree.leaves(_saved_params(out, EPOCHS * 6))):
+                            jax.tree.leaves(saved_params(out, EPOCHS * 6))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
     steps = [json.loads(line)["step"] for line in open(metrics)]
     assert steps == list(range(1, EPOCHS * 6 + 1))  # each step logged once, across the stop
@@ -147,7 +138,7 @@ def test_pretraining_eval_data_logs_eval_loss_and_perplexity(tmp_path):
         assert r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]))
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"]  # it learns the 12-word language
     cfg = zoo.config("tiny-llama", dtype="float32")
-    loss, count = _nll_reference(cfg, _saved_params(out, 4), data.Tokenizer(out / "tokenizer.model"), dev, 32)
+    loss, count = _nll_reference(cfg, saved_params(out, 4), data.Tokenizer(out / "tokenizer.model"), dev, 32)
     assert evals[1]["eval_tokens"] == count
     assert evals[1]["eval_loss"] == pytest.approx(loss, rel=1e-4)
     assert (out / "loss.png").stat().st_size > 0

@@ -129,7 +129,8 @@ def test_train_py_is_a_thin_entry_point():
     assert len((ROOT / "train.py").read_text().splitlines()) <= 60
 
 
-FAMILY_COMPARE = re.compile(r"""(family\s*(==|!=|in|not in)\s*\(?["']|["'](gpt2|llama|moe|bert|t5)["']\s*(==|!=)\s*\w*\.?family)""")
+FAMILY_COMPARE = re.compile(r"""(family\s*(==|!=|in|not in)\s*\(?["']"""
+                            r"""|["'](gpt2|llama|moe|bert|t5)["']\s*(==|!=)\s*\w*\.?family)""")
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if m != "zoo.registry"])

@@ -8,8 +8,18 @@
 Callers use the names below as `zoo.data.X`.
 """
 
-from zoo.data.documents import (ARRAY_RECORD_SUFFIXES, JSONL_SUFFIXES, STDLIB, STDLIB_MAX_BYTES, TEXT_SUFFIXES,
-                                DataError, DocumentSource, find_files, read_jsonl, stdlib_files)
+from zoo.data.documents import (
+                                ARRAY_RECORD_SUFFIXES,
+                                JSONL_SUFFIXES,
+                                STDLIB,
+                                STDLIB_MAX_BYTES,
+                                TEXT_SUFFIXES,
+                                DataError,
+                                DocumentSource,
+                                find_files,
+                                read_jsonl,
+                                stdlib_files,
+)
 from zoo.data.pipeline import BATCH_FIELDS, DataIterator, SyntheticIterator, restart_positions, text_dataset
 from zoo.data.text import decode_known, frame, pad_rows, token_id
 from zoo.data.tokenizer import Tokenizer, train_tokenizer

@@ -8,8 +8,16 @@ Loading a model dir is zoo.pretrained; `EvalError` (defined there, with loading)
 one user error of both, re-exported here.
 """
 
-from zoo.eval.metrics import (ROUGE_TYPES, accuracy, bleu, classification_metrics, cross_entropy, f1_score, rouge,
-                              text_metrics)
+from zoo.eval.metrics import (
+                              ROUGE_TYPES,
+                              accuracy,
+                              bleu,
+                              classification_metrics,
+                              cross_entropy,
+                              f1_score,
+                              rouge,
+                              text_metrics,
+)
 from zoo.eval.tasks import class_logits, generate_texts, perplexity, windows
 from zoo.pretrained import EvalError
 

@@ -27,16 +27,15 @@ import jax
 import numpy as np
 
 from zoo import data, registry
-from zoo.checkpoint import Checkpointer, CheckpointMismatch
+from zoo.checkpoint import Checkpointer
 from zoo.eval import class_logits, classification_metrics, cross_entropy, generate_texts, text_metrics
 from zoo.pretrained import load_pretrained
 from zoo.training import run_dir
 from zoo.training.config import TrainConfig, UsageError
-from zoo.training.distributed import NonFiniteStop
-from zoo.training.loop import Hooks, run_loop
+from zoo.training.loop import Hooks, report_stop, run_loop
 from zoo.training.metrics import MetricsLog, peak_flops_per_device, plot_curves, plot_loss
-from zoo.training.pretrain import load_model_config, make_run_mesh
 from zoo.training.optimizer import make_optimizer
+from zoo.training.pretrain import load_model_config, make_run_mesh
 from zoo.training.step import init_state, make_eval_step, make_trainer, mesh_context
 
 FIELDS = {"classify": ("text", "label"), "seq2seq": ("input", "target")}
@@ -359,14 +358,7 @@ def _run_locked(config: TrainConfig, plan: dict) -> dict:
             print(f"initialising from {config.init}: ", end="")
             state = load_into(state, plan["params"], trainer, mesh, opt)
     else:
-        try:
-            state, data_state = ckpt.restore(start, trainer.abstract_state)
-        except CheckpointMismatch as e:
-            ckpt.close()
-            raise UsageError(str(e)) from None
-        batches.set_state(data_state)
-        if primary:
-            print(f"resuming {out} from its checkpoint at step {start}")
+        state = run_dir.restore(ckpt, start, trainer, batches, out)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     if primary:
         print(f"fine-tuning {cfg.name} ({getattr(cfg, 'architecture', cfg.hf_architecture)}, {n_params / 1e6:.2f}M "
@@ -384,16 +376,10 @@ def _run_locked(config: TrainConfig, plan: dict) -> dict:
     history = log.history() if log is not None else []
     if log is not None:
         log.close()
-    last = int(jax.device_get(result.state["step"]))
-    if result.stopped == "nonfinite":
-        raise NonFiniteStop(f"{result.nonfinite_run} steps in a row had a non-finite loss or gradient norm (the last "
-                            f"at step {last}); the last good params are checkpointed at step {last} in {out}. "
-                            "Lower --lr or check the data, then rerun to resume.")
-    epochs = [{"epoch": r["epoch"], "step": r["step"], **{k: v for k, v in r.items() if k.startswith(("train_", "eval_"))}}
+    last = report_stop(result, out)
+    epochs = [{"epoch": r["epoch"], "step": r["step"], **{k: v for k, v in r.items()
+                                                          if k.startswith(("train_", "eval_"))}}
               for r in history if "train_loss" in r]
-    if result.stopped and primary:
-        print(f"{'SIGTERM' if result.stopped == 'sigterm' else 'Ctrl-C'}: checkpoint saved at step {last}; rerun the "
-              "same command to resume")
     if history and epochs and primary:
         plot_loss(history, os.path.join(out, "loss.png"))
         figure = os.path.join(out, "accuracy.png" if task == "classify" else "scores.png")

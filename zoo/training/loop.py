@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import jax
 from tqdm import tqdm
 
-from zoo.training.distributed import StopRequest
+from zoo.training.distributed import NonFiniteStop, StopRequest
 from zoo.training.step import mesh_context
 
 
@@ -124,3 +124,17 @@ def run_loop(trainer, mesh, state, batches, *, start: int, total: int, ckpt, log
         ckpt.close()
     result.state = state
     return result
+
+
+def report_stop(result: LoopResult, out: str) -> int:
+    """The step the run ended at; a non-finite stop raises NonFiniteStop (exit status 3) and a signal
+    stop says where the checkpoint is."""
+    last = int(jax.device_get(result.state["step"]))
+    if result.stopped == "nonfinite":
+        raise NonFiniteStop(f"{result.nonfinite_run} steps in a row had a non-finite loss or gradient norm (the last "
+                            f"at step {last}); their updates were skipped and the last good params are checkpointed "
+                            f"at step {last} in {out}. Lower --lr or check the data, then rerun to resume.")
+    if result.stopped in ("sigterm", "sigint") and jax.process_index() == 0:
+        print(f"{'SIGTERM' if result.stopped == 'sigterm' else 'Ctrl-C'}: checkpoint saved at step {last}; rerun the "
+              "same command to resume")
+    return last

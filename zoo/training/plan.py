@@ -18,9 +18,6 @@ FLOPs are analytic: cfg.flops_per_token(seq_len) * tokens, i.e. 6 * matmul param
 train.py), divided over the devices. XLA's cost_analysis counts the body
 of each loop once (layers are a scan), so its figure is printed beside it, not used.
 
-    python -m benchmarks.plan --model llama3.1-8b --topology v5p:2x2x1 --mesh fsdp=-1 --batch-size 8 --seq-len 4096
-    python -m benchmarks.plan --model llama3.1-70b --topology v5p-128 --batch-size 64 --seq-len 4096 --remat full
-    python -m benchmarks.plan --table          # presets x slices -> results/plan_tpu.{json,md}
     python train.py --compile-only --topology v5p:4x4x4 --model llama3.1-70b --batch-size 64 --seq-len 4096
 
 Topologies are libtpu names, GENERATION:SHAPE in chips ("v5e:2x2", "v5p:2x2x1",

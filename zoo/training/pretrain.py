@@ -13,13 +13,13 @@ import numpy as np
 
 import zoo
 from zoo import data, objectives, registry
-from zoo.checkpoint import Checkpointer, CheckpointMismatch
+from zoo.checkpoint import Checkpointer
 from zoo.hf.convert import config_from_hf
 from zoo.sharding import check_divisible, make_mesh
 from zoo.training import run_dir
 from zoo.training.config import TrainConfig, UsageError
-from zoo.training.distributed import NonFiniteStop, barrier
-from zoo.training.loop import Hooks, run_loop
+from zoo.training.distributed import barrier
+from zoo.training.loop import Hooks, report_stop, run_loop
 from zoo.training.metrics import MetricsLog, peak_flops_per_device, plot_loss
 from zoo.training.step import batch_shards, init_state, make_eval_step, make_trainer
 
@@ -297,14 +297,7 @@ def _run_locked(config: TrainConfig, cfg, mesh, source, eval_source, tokenizer) 
     if start is None:
         state, start = init_state(trainer, mesh, config.seed), 0
     else:
-        try:
-            state, data_state = ckpt.restore(start, trainer.abstract_state)
-        except CheckpointMismatch as e:
-            ckpt.close()
-            raise UsageError(str(e)) from None
-        batches.set_state(data_state)
-        if primary:
-            print(f"resuming {config.out} from its checkpoint at step {start}")
+        state = run_dir.restore(ckpt, start, trainer, batches, config.out)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     peak, peak_src = peak_flops_per_device(config.peak_flops)
     if primary:
@@ -329,14 +322,7 @@ def _run_locked(config: TrainConfig, cfg, mesh, source, eval_source, tokenizer) 
         log.close()
     if history:
         plot_loss(history, os.path.join(config.out, "loss.png"))
-    last = int(jax.device_get(result.state["step"]))
-    if result.stopped == "nonfinite":
-        raise NonFiniteStop(f"{result.nonfinite_run} steps in a row had a non-finite loss or gradient norm (the last "
-                            f"at step {last}); their updates were skipped and the last good params are checkpointed "
-                            f"at step {last} in {config.out}. Lower --lr or check the data, then rerun to resume.")
-    if result.stopped in ("sigterm", "sigint") and primary:
-        print(f"{'SIGTERM' if result.stopped == 'sigterm' else 'Ctrl-C'}: checkpoint saved at step {last}; rerun the "
-              "same command to resume")
+    last = report_stop(result, config.out)
     summary = {"start_step": start, "steps": config.steps, "last_step": last, "losses": result.losses,
                "out": config.out, "stopped": result.stopped,
                "eval": [{k: r[k] for k in r if k == "step" or k.startswith("eval_")}

@@ -12,8 +12,10 @@ import json
 import os
 import shutil
 
-import zoo
+import jax
 from flax import linen as nn
+
+import zoo
 from zoo.checkpoint import Checkpointer, CheckpointMismatch
 from zoo.paths import OutputError, RunLock, check_writable_parent, resolve
 from zoo.pretrained import write_run_metadata
@@ -157,3 +159,17 @@ def restorable_step(config: TrainConfig, cfg, ckpt_dir: str, seq_len: int) -> in
     finally:
         ckpt.close()
     return start
+
+
+def restore(ckpt, step: int, trainer, batches, out: str):
+    """The train state saved at `step`, with `batches` put back where it was (UsageError if the
+    checkpoint does not fit the trainer)."""
+    try:
+        state, data_state = ckpt.restore(step, trainer.abstract_state)
+    except CheckpointMismatch as e:
+        ckpt.close()
+        raise UsageError(str(e)) from None
+    batches.set_state(data_state)
+    if jax.process_index() == 0:
+        print(f"resuming {out} from its checkpoint at step {step}")
+    return state

@@ -19,11 +19,15 @@ import train
 import zoo
 from zoo import data, objectives
 from zoo.sharding import make_mesh
+from zoo.training import finetune, plan, pretrain
+from zoo.training.config import TrainConfig, build_parser
+from zoo.training.optimizer import OptimConfig
+from zoo.training.step import init_state, make_trainer, mesh_context
 
 from run_utils import snapshot
 from step_utils import assert_same_step, packed_batch, shard_shapes, single_and_sharded_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 fake CPU devices (tests/conftest.py)")
 
 
@@ -62,13 +66,13 @@ def test_sharded_step_matches_single_device():
 def test_grad_accumulation_equals_full_batch():
     cfg = zoo.config("tiny-llama", dtype="float32")
     mesh = make_mesh("data=1", devices=jax.devices()[:1])
-    opt = train.OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=10, eps=1e-3)
+    opt = OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=10, eps=1e-3)
     batch = _packed_batch(cfg, b=4, t=16)
     batch["segment_ids"][0, 10:] = 0  # rows with different target counts: the mean is per token
     out = []
     for accum in (1, 4):
-        tr = train.make_trainer(cfg, mesh, opt, batch_size=4, seq_len=16, grad_accum=accum)
-        state, metrics = tr.step(train.init_state(tr, mesh, 0), batch)
+        tr = make_trainer(cfg, mesh, opt, batch_size=4, seq_len=16, grad_accum=accum)
+        state, metrics = tr.step(init_state(tr, mesh, 0), batch)
         out.append((jax.device_get(state["params"]), jax.device_get(metrics)))
     np.testing.assert_allclose(out[1][1]["loss"], out[0][1]["loss"], rtol=1e-6)
     np.testing.assert_allclose(out[1][1]["grad_norm"], out[0][1]["grad_norm"], rtol=1e-5)
@@ -164,7 +168,7 @@ def test_train_script_small_mode_end_to_end(tmp_path, corpus, capsys):
 def test_help_documents_every_flag():
     text = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"], capture_output=True,
                           text=True, check=True, cwd=ROOT).stdout
-    actions = [a for a in train.build_parser()._actions if a.option_strings and a.dest != "help"]
+    actions = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
     assert len(actions) > 25
     flat = "".join(text.split())  # argparse wraps help lines (also at hyphens)
     for action in actions:
@@ -189,7 +193,8 @@ def test_bad_flags_fail_before_compiling(argv, message, capsys, monkeypatch, tmp
     def no_compile(*a, **k):
         raise AssertionError("compiled despite a bad flag")
 
-    monkeypatch.setattr(train, "make_trainer", no_compile)
+    for module in (pretrain, finetune, plan):
+        monkeypatch.setattr(module, "make_trainer", no_compile)
     monkeypatch.setattr(data, "train_tokenizer", no_compile)
     assert train.main(argv + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -197,25 +202,25 @@ def test_bad_flags_fail_before_compiling(argv, message, capsys, monkeypatch, tmp
 
 
 def test_tokenizer_larger_than_model_vocab_fails_before_compiling(corpus, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(train, "make_trainer", lambda *a, **k: pytest.fail("compiled"))
+    monkeypatch.setattr(pretrain, "make_trainer", lambda *a, **k: pytest.fail("compiled"))
     argv = ["--model", "tiny-llama", "--data", str(corpus), "--tokenizer", str(corpus / "tok.model"),
             "--out", str(tmp_path)]
     n = data.Tokenizer(corpus / "tok.model").vocab_size
     assert train.main(argv + ["--vocab-size", "128"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"has {n} tokens but model 'tiny-llama' has vocab_size=128" in err[0], err
-    cfg = train._resolve(train.build_parser().parse_args(argv + ["--vocab-size", "tokenizer"]))[0]
+    cfg = pretrain.resolve_inputs(TrainConfig.from_args(argv + ["--vocab-size", "tokenizer"]))[0]
     assert cfg.vocab_size == -(-n // 128) * 128
 
 
 def test_model_from_hf_config_json(tmp_path):
-    pytest.importorskip("zoo.hf")
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "hidden_size": 32,
               "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
               "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    args = train.build_parser().parse_args(["--model", str(tmp_path), "--data", "synthetic", "--seq-len", "32"])
-    cfg = train._resolve(args)[0]
+    args = TrainConfig.from_args(["--model", str(tmp_path), "--data", "synthetic", "--seq-len", "32",
+                                  "--out", str(tmp_path / "run")])
+    cfg = pretrain.resolve_inputs(args)[0]
     assert (cfg.family, cfg.vocab_size, cfg.hidden_size, cfg.num_kv_heads) == ("llama", 256, 32, 2)
 
 
@@ -248,10 +253,10 @@ def _one_step(cfg, batch, seed=0):
     """(metrics, params) after one train step on one device from a seeded init."""
     mesh = make_mesh("data=1", devices=jax.devices()[:1])
     # eps above float32 noise: Adam's first update is ~sign(g) for tiny gradients.
-    tr = train.make_trainer(cfg, mesh, train.OptimConfig(lr=1e-2, warmup_steps=0, decay_steps=10, eps=1e-3),
-                            batch_size=batch["input_ids"].shape[0], seq_len=batch["input_ids"].shape[1])
-    with train.mesh_context(mesh):
-        state = train.init_state(tr, mesh, seed=seed)
+    tr = make_trainer(cfg, mesh, OptimConfig(lr=1e-2, warmup_steps=0, decay_steps=10, eps=1e-3),
+                      batch_size=batch["input_ids"].shape[0], seq_len=batch["input_ids"].shape[1])
+    with mesh_context(mesh):
+        state = init_state(tr, mesh, seed=seed)
         before = jax.device_get(state)
         state, metrics = tr.step(state, batch)
     return before, jax.device_get(state), jax.device_get(metrics), tr

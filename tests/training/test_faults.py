@@ -15,7 +15,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import train
@@ -25,9 +24,10 @@ from zoo.sharding import make_mesh
 from zoo.training import distributed
 from zoo.training.optimizer import OptimConfig
 from zoo.training.step import init_state, make_trainer, mesh_context
-from run_utils import no_compile, snapshot  # noqa: F401 (no_compile is a fixture)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from run_utils import saved_params, snapshot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # eps well above float32 rounding noise: Adam's first steps are ~sign(g), which would
 # turn reduction-order differences (gloo vs in-process all-reduce) into O(lr) changes.
 RUN = ["--model", "tiny-llama", "--data", "synthetic", "--seq-len", "32", "--batch-size", "8", "--eps", "1e-3",
@@ -44,17 +44,6 @@ def _losses(out) -> dict[int, float]:
     """step -> loss from metrics.jsonl (the last record of a step wins, as after a resume)."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
-
-
-def _saved_params(out, step: int):
-    """The params of a run's checkpoint, onto one device whatever mesh or processes wrote it."""
-    path = os.path.join(os.path.abspath(out), "checkpoints", str(step), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    meta = checkpointer.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), getattr(meta, "tree", meta))
-    return jax.device_get(checkpointer.restore(path, target)["params"])
 
 
 def _assert_params_equal(a, b):
@@ -75,7 +64,8 @@ def _two_processes(out, steps: int):
     port = _free_port()
     procs = [subprocess.Popen(
         [sys.executable, "train.py", *RUN, "--mesh", "data=2,fsdp=4", "--steps", str(steps), "--decay-steps", "6",
-         "--checkpoint-every", "2", "--out", str(out), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+         "--checkpoint-every", "2", "--out", str(out), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i)],
         cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = []
     try:
@@ -98,13 +88,13 @@ def test_two_processes_with_checkpoint_and_restore_equal_one_process(tmp_path):
     logs = _two_processes(tmp_path / "multi", steps=6)
     assert "resuming" in logs[0] and "from its checkpoint at step 4" in logs[0]
     # The same run in one process with 8 devices.
-    summary = train.main([*RUN, "--mesh", "data=2,fsdp=4", "--steps", "6", "--decay-steps", "6", "--checkpoint-every", "2",
-                          "--out", str(tmp_path / "single")])
+    summary = train.main([*RUN, "--mesh", "data=2,fsdp=4", "--steps", "6", "--decay-steps", "6",
+                          "--checkpoint-every", "2", "--out", str(tmp_path / "single")])
     assert isinstance(summary, dict)
     multi, single = _losses(tmp_path / "multi"), _losses(tmp_path / "single")
     assert sorted(multi) == sorted(single) == list(range(1, 7))
     np.testing.assert_allclose([multi[s] for s in range(1, 7)], [single[s] for s in range(1, 7)], rtol=1e-5)
-    a, b = _saved_params(tmp_path / "multi", 6), _saved_params(tmp_path / "single", 6)
+    a, b = saved_params(tmp_path / "multi", 6), saved_params(tmp_path / "single", 6)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
@@ -128,7 +118,7 @@ def reference_params(tmp_path_factory):
     """Final params of an uninterrupted run (in this process: same 8 CPU devices)."""
     out = tmp_path_factory.mktemp("reference")
     assert isinstance(train.main([*FAULT, "--out", str(out)]), dict)
-    return _saved_params(out, STEPS)
+    return saved_params(out, STEPS)
 
 
 def _start(out):
@@ -165,7 +155,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(seed, tmp_path
                              capture_output=True, text=True, timeout=240)
     assert restart.returncode == 0, restart.stdout[-2000:] + restart.stderr[-2000:]
     assert "resuming" in restart.stdout
-    _assert_params_equal(_saved_params(out, STEPS), reference_params)
+    _assert_params_equal(saved_params(out, STEPS), reference_params)
     # The log restarts at the checkpoint: every step once, none of the killed run's extra steps.
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
     assert not [d for d in os.listdir(out / "checkpoints") if "tmp" in d]
@@ -193,7 +183,7 @@ def test_sigterm_and_ctrl_c_save_stop_and_resume_bitwise(sig, status, name, tmp_
     assert f"from its checkpoint at step {stopped_at}" in restart.stdout
     assert "removed 1 incomplete checkpoint save" in restart.stdout and not stale.exists()
     assert "Metadata file does not exist" not in restart.stderr  # absl noise on every resume, gone
-    _assert_params_equal(_saved_params(out, STEPS), reference_params)
+    _assert_params_equal(saved_params(out, STEPS), reference_params)
 
 
 def test_a_second_ctrl_c_aborts_at_once(monkeypatch, capsys):
@@ -228,7 +218,8 @@ def poison_objective(monkeypatch):
     obj = objectives.Objective(name="clm-poison", fields=clm.fields, loss_fn=_poisonable_loss)
     monkeypatch.setitem(objectives.OBJECTIVES, obj.name, obj)
     llama = registry.FAMILIES["llama"]  # the families that train with clm train with it too
-    monkeypatch.setitem(registry.FAMILIES, "llama", dataclasses.replace(llama, objectives=(*llama.objectives, obj.name)))
+    monkeypatch.setitem(registry.FAMILIES, "llama",
+                        dataclasses.replace(llama, objectives=(*llama.objectives, obj.name)))
     return obj.name
 
 
@@ -304,7 +295,7 @@ def test_k_nonfinite_steps_in_a_row_stop_with_last_good_checkpoint(limit, poison
     clean = tmp_path / "clean"
     train.main([*RUN, "--objective", poison_objective, "--steps", "2", "--out", str(clean),
                 "--vocab-size", "512", "--decay-steps", "20"])
-    _assert_params_equal(_saved_params(out, saved[0]), _saved_params(clean, 2))
+    _assert_params_equal(saved_params(out, saved[0]), saved_params(clean, 2))
 
 
 # ------------------------------------------------------------------------------ bad input

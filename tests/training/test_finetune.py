@@ -17,7 +17,6 @@ from flax import linen as nn
 import train
 import zoo
 from zoo import eval as ev
-from run_utils import no_compile  # noqa: F401 (a fixture)
 
 POSITIVE = ("good", "great", "excellent")
 FILLER = tuple("the a movie film plot actor scene story was is it and of to this that with very quite".split())
@@ -151,8 +150,8 @@ def test_seq2seq_objective_equals_transformers_t5_loss(t5_dir):
     import torch
     import transformers
 
-    from zoo.training.finetune import _seq2seq_batch
     from zoo.objectives import get
+    from zoo.training.finetune import _seq2seq_batch
 
     init = t5_dir
     model, params = zoo.from_hf(init)

@@ -18,7 +18,8 @@ from zoo import data
 from zoo.paths import RunLock
 from zoo.training.config import DEFAULT_PROMPT, TrainConfig, UsageError
 from zoo.training.run_dir import check_resume_flags
-from run_utils import no_compile, snapshot  # noqa: F401 (no_compile is a fixture)
+
+from run_utils import snapshot
 
 SYNTH = ["--model", "tiny-llama", "--data", "synthetic", "--seq-len", "32", "--batch-size", "8",
          "--sample-tokens", "0", "--no-progress"]
@@ -107,7 +108,8 @@ def test_jsonl_with_a_byte_order_mark_reads_like_without(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
     (tmp_path / "plain.jsonl").write_text(lines)
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfplain text\n")
-    bom, plain = data.DocumentSource([str(tmp_path / "bom.jsonl")]), data.DocumentSource([str(tmp_path / "plain.jsonl")])
+    bom = data.DocumentSource([str(tmp_path / "bom.jsonl")])
+    plain = data.DocumentSource([str(tmp_path / "plain.jsonl")])
     assert [bom[i] for i in range(len(bom))] == [plain[i] for i in range(len(plain))] == ["first document", "second"]
     assert data.DocumentSource([str(tmp_path / "bom.txt")])[0] == "plain text\n"
     # The one reader fine-tuning and eval use agrees.
