@@ -14,14 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from zoo.configs import (
-    BertConfig,
-    GPT2Config,
-    LlamaConfig,
-    ModelConfig,
-    MoEConfig,
-    T5Config,
-)
+from zoo.configs import BertConfig, GPT2Config, LlamaConfig, ModelConfig, MoEConfig, T5Config
 from zoo.hf.rules import ArchSpec
 from zoo.models.bert import hf as bert_hf
 from zoo.models.bert.model import build_bert

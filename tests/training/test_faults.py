@@ -21,7 +21,7 @@ import train
 import zoo
 from zoo import data, objectives, registry
 from zoo.sharding import make_mesh
-from zoo.training import distributed
+from zoo.training import distributed, pretrain
 from zoo.training.optimizer import OptimConfig
 from zoo.training.step import init_state, make_trainer, mesh_context
 
@@ -189,6 +189,7 @@ def test_sigterm_and_ctrl_c_save_stop_and_resume_bitwise(sig, status, name, tmp_
 def test_a_second_ctrl_c_aborts_at_once(monkeypatch, capsys):
     exits = []
     monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler; SIG_IGN under `nohup ... &`
     stop = distributed.StopRequest()
     try:
         os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, save, stop
@@ -199,7 +200,7 @@ def test_a_second_ctrl_c_aborts_at_once(monkeypatch, capsys):
         stop.close()
     err = capsys.readouterr().err
     assert "Ctrl-C again to abort at once" in err and "second Ctrl-C: aborted without saving" in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the run
+    assert signal.getsignal(signal.SIGINT) is before  # restored after the run
 
 
 # --------------------------------------------------------------------------- non-finite
@@ -328,7 +329,7 @@ def test_checkpoint_of_another_model_is_refused_before_compiling(tmp_path, capsy
     def fail(*a, **k):
         raise AssertionError("compiled despite a mismatched checkpoint")
 
-    monkeypatch.setattr(train, "make_trainer", fail)
+    monkeypatch.setattr(pretrain, "make_trainer", fail)
     capsys.readouterr()
     other = [a if a != "tiny-llama" else "tiny-gpt2" for a in RUN]
     assert train.main([*other, "--steps", "4", "--out", str(out)]) == 2
@@ -354,7 +355,7 @@ def test_checkpoint_of_another_process_count_is_refused_before_compiling(tmp_pat
     saved = json.loads(record.read_text())
     assert saved["process_count"] == 1 and len(saved["processes"]) == 1
     record.write_text(json.dumps({"process_count": 2, "processes": saved["processes"] * 2}))
-    monkeypatch.setattr(train, "make_trainer", lambda *a, **k: pytest.fail("compiled despite the mismatch"))
+    monkeypatch.setattr(pretrain, "make_trainer", lambda *a, **k: pytest.fail("compiled despite the mismatch"))
     capsys.readouterr()
     assert train.main([*RUN, "--steps", "4", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from zoo.configs import GPT2Config
-from zoo.hf.rules import (
-    ArchSpec,
-    Rule,
-    get,
-    require,
-    token_ids_from_hf,
-    token_ids_to_hf,
-)
+from zoo.hf.rules import ArchSpec, Rule, get, require, token_ids_from_hf, token_ids_to_hf
 
 ARCH = "GPT2LMHeadModel"
 
