@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import venv
 
 import pytest
@@ -16,13 +17,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """A venv (seeing this interpreter's site-packages for the dependencies) with the zoo installed
-    by `pip install .`, no editable link."""
+    """A fresh venv with the zoo installed by `pip install .` (no editable link). Its dependencies (and pip)
+    come from this interpreter's site-packages through a .pth line; the .pth files there (this checkout's
+    editable install) are not processed, so `import zoo` can only find the installed copy."""
     root = tmp_path_factory.mktemp("install")
     env_dir = root / "venv"
-    venv.create(env_dir, system_site_packages=True)  # pip and setuptools: this interpreter's
+    venv.create(env_dir, with_pip=False)
+    site_dir = next((env_dir / "lib").glob("python3*/site-packages"))
+    deps = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+    (site_dir / "zoo_test_deps.pth").write_text("\n".join(deps) + "\n")
     python = str(env_dir / "bin" / "python")
-    build = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", ROOT],
+    build = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", ROOT],
                            capture_output=True, text=True, cwd=root, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     return python, root
