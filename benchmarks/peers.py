@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 from benchmarks.common import RESULTS_DIR, device_info, markdown_table, time_train_steps, write_json
 from zoo.argtypes import non_negative_int, positive_int
-from zoo.configs import GPT2Config, LlamaConfig
+from zoo.models.gpt2.config import GPT2Config
+from zoo.models.llama.config import LlamaConfig
 from zoo.sharding import make_mesh
 from zoo.training.optimizer import OptimConfig
 from zoo.training.step import make_trainer

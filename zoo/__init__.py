@@ -15,9 +15,12 @@ import jax.numpy as jnp
 from flax import linen  # not `as nn`: zoo.nn is the subpackage of building blocks
 
 from zoo import registry
-from zoo.configs import PRESETS, GPT2Config, LlamaConfig, ModelConfig
+from zoo.configs import ModelConfig
 from zoo.hf.convert import from_hf, to_hf
 from zoo.inference import generate
+from zoo.models.gpt2.config import GPT2Config
+from zoo.models.llama.config import LlamaConfig
+from zoo.presets import PRESETS
 
 
 def list_models() -> list[str]:

@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import zoo
-from zoo import configs
+from zoo import registry
 from zoo.checkpoint import quiet_absl
 from zoo.data.tokenizer import Tokenizer
 from zoo.hf.convert import config_from_hf
@@ -76,7 +76,7 @@ def _tuples(value):
 
 def config_from_json(blob: dict):
     """The zoo config written by `config_to_json`."""
-    cls = getattr(configs, blob.get("class", ""), None)
+    cls = registry.config_class(blob.get("class", ""))
     if cls is None or not dataclasses.is_dataclass(cls):
         raise EvalError(f"unknown zoo config class {blob.get('class')!r}")
     return cls(**{k: _tuples(v) for k, v in blob["fields"].items()})

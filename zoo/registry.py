@@ -14,16 +14,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from zoo.configs import BertConfig, GPT2Config, LlamaConfig, ModelConfig, MoEConfig, T5Config
+from zoo.configs import ModelConfig
 from zoo.hf.rules import ArchSpec
+from zoo.models.bert import config as bert_config
 from zoo.models.bert import hf as bert_hf
 from zoo.models.bert.model import build_bert
+from zoo.models.gpt2 import config as gpt2_config
 from zoo.models.gpt2 import hf as gpt2_hf
 from zoo.models.gpt2.model import GPT2
+from zoo.models.llama import config as llama_config
 from zoo.models.llama import hf as llama_hf
 from zoo.models.llama.model import Llama
+from zoo.models.moe import config as moe_config
 from zoo.models.moe import hf as moe_hf
 from zoo.models.moe.model import MoEDecoder
+from zoo.models.t5 import config as t5_config
 from zoo.models.t5 import hf as t5_hf
 from zoo.models.t5.model import T5
 
@@ -42,6 +47,7 @@ class Family:
     tasks: tuple[str, ...]  # train.py --task values it supports
     eval_task: str | None  # what `python -m zoo eval --task auto` measures (None: depends on the head)
     hf_specs: dict[str, ArchSpec]  # HF `architectures` name -> its table (zoo/models/<family>/hf.py)
+    presets: tuple[ModelConfig, ...] = ()  # its named presets (zoo/models/<family>/config.py), tiny ones included
     learned_positions: bool = False  # absolute learned position table: prompt + new tokens must fit max_seq_len
 
     def __post_init__(self):
@@ -50,6 +56,9 @@ class Family:
         if self.config_class.family != self.name:
             raise ValueError(f"family {self.name}: {self.config_class.__name__}.family is "
                              f"{self.config_class.family!r}")
+        for preset in self.presets:
+            if not isinstance(preset, self.config_class):
+                raise ValueError(f"family {self.name}: preset {preset.name!r} is a {type(preset).__name__}")
 
     @property
     def hf_architectures(self) -> tuple[str, ...]:
@@ -109,18 +118,28 @@ def by_architecture(arch: str) -> Family:
     raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(architectures())}")
 
 
+def config_class(class_name: str) -> type[ModelConfig] | None:
+    """The config class called `class_name` (as `type(cfg).__name__` wrote it), or None."""
+    return next((f.config_class for f in FAMILIES.values() if f.config_class.__name__ == class_name), None)
+
+
 def architectures() -> tuple[str, ...]:
     """Every HF `architectures` name some family imports, sorted."""
     return tuple(sorted(a for f in FAMILIES.values() for a in f.hf_specs))
 
 
-register(Family("gpt2", GPT2Config, GPT2, kind="decoder", objectives=("clm",), tasks=("pretrain",),
-                eval_task="perplexity", hf_specs=gpt2_hf.ARCHITECTURES, learned_positions=True))
-register(Family("llama", LlamaConfig, Llama, kind="decoder", objectives=("clm",), tasks=("pretrain",),
-                eval_task="perplexity", hf_specs=llama_hf.ARCHITECTURES))
-register(Family("moe", MoEConfig, MoEDecoder, kind="decoder", objectives=("clm",), tasks=("pretrain",),
-                eval_task="perplexity", hf_specs=moe_hf.ARCHITECTURES))
-register(Family("bert", BertConfig, build_bert, kind="encoder", objectives=("mlm", "cls"),
-                tasks=("pretrain", "classify"), eval_task=None, hf_specs=bert_hf.ARCHITECTURES))
-register(Family("t5", T5Config, T5, kind="encoder-decoder", objectives=("span", "seq2seq"),
-                tasks=("pretrain", "seq2seq"), eval_task="seq2seq", hf_specs=t5_hf.ARCHITECTURES))
+register(Family("gpt2", gpt2_config.GPT2Config, GPT2, kind="decoder", objectives=("clm",), tasks=("pretrain",),
+                eval_task="perplexity", hf_specs=gpt2_hf.ARCHITECTURES,
+                presets=gpt2_config.PRESETS, learned_positions=True))
+register(Family("llama", llama_config.LlamaConfig, Llama, kind="decoder", objectives=("clm",), tasks=("pretrain",),
+                eval_task="perplexity", hf_specs=llama_hf.ARCHITECTURES,
+                presets=llama_config.PRESETS))
+register(Family("moe", moe_config.MoEConfig, MoEDecoder, kind="decoder", objectives=("clm",), tasks=("pretrain",),
+                eval_task="perplexity", hf_specs=moe_hf.ARCHITECTURES,
+                presets=moe_config.PRESETS))
+register(Family("bert", bert_config.BertConfig, build_bert, kind="encoder", objectives=("mlm", "cls"),
+                tasks=("pretrain", "classify"), eval_task=None, hf_specs=bert_hf.ARCHITECTURES,
+                presets=bert_config.PRESETS))
+register(Family("t5", t5_config.T5Config, T5, kind="encoder-decoder", objectives=("span", "seq2seq"),
+                tasks=("pretrain", "seq2seq"), eval_task="seq2seq", hf_specs=t5_hf.ARCHITECTURES,
+                presets=t5_config.PRESETS))

@@ -106,7 +106,8 @@ def test_decoder_config_rejects_impossible_models(cls, overrides, message):
     """__post_init__ refuses with a message naming the config and the offending field."""
     import re
 
-    from zoo.configs import GPT2Config, LlamaConfig
+    from zoo.models.gpt2.config import GPT2Config
+    from zoo.models.llama.config import LlamaConfig
 
     config_cls = {"GPT2Config": GPT2Config, "LlamaConfig": LlamaConfig}[cls]
     base = _GPT2 if cls == "GPT2Config" else _LLAMA

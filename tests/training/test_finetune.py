@@ -92,7 +92,7 @@ def test_classify_tiny_bert_reaches_95_percent_and_plots_accuracy(tmp_path, caps
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
     """A tiny random T5 written by zoo.to_hf (no torch needed) with a word-level tokenizer."""
-    from zoo.configs import T5Config
+    from zoo.models.t5.config import T5Config
 
     path = tmp_path_factory.mktemp("t5")
     cfg = T5Config(name="tiny", vocab_size=16, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,

@@ -147,7 +147,7 @@ def test_train_script_small_mode_end_to_end(tmp_path, corpus, capsys):
     result = _run(["--model", "tiny-gpt2", "--data", str(corpus / "docs.jsonl"), "--steps", "4",
                    "--batch-size", "16", "--seq-len", "32", "--checkpoint-every", "2", "--sample-tokens", "8",
                    "--sample-prompt", "the model", "--grad-accum", "2", "--remat", "dots", "--dtype", "bfloat16",
-                   "--z-loss", "1e-4", "--out", str(out)])
+                   "--attention-impl", "xla", "--z-loss", "1e-4", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "trained a" in printed and (out / "tokenizer.model").is_file()  # no --tokenizer: trained and saved
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -157,6 +157,8 @@ def test_train_script_small_mode_end_to_end(tmp_path, corpus, capsys):
             assert np.isfinite(r[field]), field
         assert r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1 and r["z_loss"] > 0 and r["tokens"] > 0
     assert sorted(os.listdir(out / "checkpoints")) == ["2", "4"]
+    fields = json.load(open(out / "zoo_config.json"))["fields"]  # the model flags reached the model config
+    assert (fields["remat"], fields["dtype"], fields["attention_impl"]) == ("dots", "bfloat16", "xla")
     assert (out / "loss.png").stat().st_size > 1000
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
     assert result["sample"].startswith("the model") and "---- sample" in printed

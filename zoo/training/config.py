@@ -14,6 +14,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 
+from kernels import IMPLEMENTATIONS
 from zoo import data as zoo_data
 from zoo.argtypes import host_port, non_negative_float, non_negative_int, positive_int
 from zoo.configs import DTYPES, REMAT_POLICIES
@@ -68,6 +69,11 @@ class TrainConfig:
                                    choices=DTYPES)
     remat: str | None = flag("model", None, "activation checkpointing policy per layer (default: the model config's)",
                              choices=REMAT_POLICIES)
+    attention_impl: str | None = flag("model", None, "attention implementation (kernels.attention): pallas "
+                                      "(our kernel: Mosaic TPU / Mosaic GPU sm90+), pallas_triton (pre-Hopper GPUs), "
+                                      "cudnn, xla. "
+                                      "Default: the model config's (none: the best for the platform)",
+                                      choices=IMPLEMENTATIONS)
     vocab_size: str | None = flag("model", None, "override the model's vocab_size: a number, or 'tokenizer' (the "
                                   "tokenizer's size rounded up to a multiple of 128). Default: the model's; a larger "
                                   "tokenizer is an error")
@@ -220,9 +226,9 @@ class TrainConfig:
     # ------------------------------------------------------------------ views
 
     def model_overrides(self) -> dict:
-        """--dtype / --param-dtype / --remat as ModelConfig field overrides."""
-        return {k: v for k, v in (("dtype", self.dtype), ("param_dtype", self.param_dtype), ("remat", self.remat))
-                if v is not None}
+        """--dtype / --param-dtype / --remat / --attention-impl as ModelConfig field overrides."""
+        return {k: v for k, v in (("dtype", self.dtype), ("param_dtype", self.param_dtype), ("remat", self.remat),
+                                  ("attention_impl", self.attention_impl)) if v is not None}
 
     def optim(self, total_steps: int | None = None) -> OptimConfig:
         """The optimizer flags; the schedule spans --decay-steps, else `total_steps` (default --steps)."""

@@ -7,8 +7,8 @@ normalised to the class's own spelling, so either kind of checkpoint loads.
 
 from __future__ import annotations
 
-from zoo.configs import BertConfig
 from zoo.hf.rules import ArchSpec, Rule, require, token_ids_from_hf, token_ids_to_hf
+from zoo.models.bert.config import BertConfig
 
 
 def config_from_hf(hf: dict, name: str, arch: str) -> BertConfig:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from zoo.configs import BertConfig
+from zoo.models.bert.config import BertConfig
 from zoo.nn.attention import SelfAttention
 from zoo.nn.embed import Embed
 from zoo.nn.linear import Dense, param_with_axes

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from zoo.configs import GPT2Config
 from zoo.hf.rules import ArchSpec, Rule, get, require, token_ids_from_hf, token_ids_to_hf
+from zoo.models.gpt2.config import GPT2Config
 
 ARCH = "GPT2LMHeadModel"
 

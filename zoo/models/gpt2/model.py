@@ -8,7 +8,7 @@ from functools import partial
 import jax.numpy as jnp
 from flax import linen as nn
 
-from zoo.configs import GPT2Config
+from zoo.models.gpt2.config import GPT2Config
 from zoo.nn.attention import SelfAttention
 from zoo.nn.blocks import DecoderBlock
 from zoo.nn.embed import Embed

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from zoo.configs import LlamaConfig
 from zoo.hf.rules import ArchSpec, Rule, get, require, token_ids_from_hf, token_ids_to_hf
+from zoo.models.llama.config import LlamaConfig
 
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma"}

@@ -11,7 +11,7 @@ from typing import Callable, ClassVar
 import jax.numpy as jnp
 from flax import linen as nn
 
-from zoo.configs import LlamaConfig
+from zoo.models.llama.config import LlamaConfig
 from zoo.nn.attention import SelfAttention
 from zoo.nn.blocks import DecoderBlock
 from zoo.nn.embed import Embed

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from zoo.configs import LlamaConfig, MoEConfig
 from zoo.hf.rules import ArchSpec, CheckpointError, Rule, get, require
 from zoo.models.llama import hf as llama_hf
+from zoo.models.llama.config import LlamaConfig
+from zoo.models.moe.config import MoEConfig
 
 _MODEL_TYPES = {"MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
 _DENSE_TWIN = {"MixtralForCausalLM": "MistralForCausalLM", "Qwen3MoeForCausalLM": "Qwen3ForCausalLM"}

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from zoo.configs import MoEConfig
 from zoo.models.llama.model import Llama
+from zoo.models.moe.config import MoEConfig
 from zoo.nn.blocks import DecoderBlock
 from zoo.nn.linear import Dense, default_init, param_with_axes
 from zoo.nn.mlp import ACTIVATIONS

@@ -6,8 +6,8 @@ beside the scanned layers (`encoder/relative_attention_bias`), unstacked.
 
 from __future__ import annotations
 
-from zoo.configs import T5Config
 from zoo.hf.rules import ArchSpec, Rule, require
+from zoo.models.t5.config import T5Config
 
 
 def config_from_hf(hf: dict, name: str) -> T5Config:

@@ -19,7 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 import kernels
-from zoo.configs import T5Config
+from zoo.models.t5.config import T5Config
 from zoo.nn.embed import Embed
 from zoo.nn.linear import Dense, default_init, param_with_axes
 from zoo.nn.masks import check_inputs, encoder_segment_ids

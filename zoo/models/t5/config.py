@@ -1,0 +1,85 @@
+"""T5 configuration (v1.0 and v1.1 / Flan) and presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from zoo.configs import TINY, ModelConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class T5Config(ModelConfig):
+    """T5 encoder-decoder: relative position buckets, RMS layer norm, no attention scaling.
+
+    v1.0: feed_forward_proj="relu", tied head with the decoder output scaled by
+    hidden_size**-0.5. v1.1 / Flan: "gated-gelu" (tanh GELU) and an untied lm_head.
+    scale_decoder_outputs defaults to tie_word_embeddings (the rule of the original
+    T5 code); transformers>=5 saves v1.1 models tied but unscaled, so it is separate.
+    num_layers counts encoder blocks; num_decoder_layers 0 means the same number.
+    `max_seq_len` only bounds training lengths (T5 has no position table).
+    """
+
+    family: ClassVar[str] = "t5"
+    hf_architecture: ClassVar[str] = "T5ForConditionalGeneration"
+    FEED_FORWARD: ClassVar[tuple[str, ...]] = ("relu", "gated-gelu")
+
+    num_decoder_layers: int = 0
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"
+    tie_word_embeddings: bool = True
+    scale_decoder_outputs: bool | None = None
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    # Span corruption writes sentinels counting down from this id (<extra_id_0>);
+    # 0 means vocab_size - 1. T5's SentencePiece vocabulary puts it at 32099.
+    first_sentinel_id: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.num_decoder_layers:
+            object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        if not self.first_sentinel_id:
+            object.__setattr__(self, "first_sentinel_id", self.vocab_size - 1)
+        if self.scale_decoder_outputs is None:
+            object.__setattr__(self, "scale_decoder_outputs", self.tie_word_embeddings)
+        if self.feed_forward_proj not in self.FEED_FORWARD:
+            raise ValueError(f"{self.name}: feed_forward_proj must be one of {self.FEED_FORWARD}, "
+                             f"got {self.feed_forward_proj!r}")
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(f"{self.name}: T5 has no grouped-query attention (num_kv_heads must equal num_heads)")
+        if self.relative_attention_num_buckets < 4 or self.relative_attention_max_distance <= 0:
+            raise ValueError(f"{self.name}: relative_attention_num_buckets must be >= 4 and max_distance positive")
+        if not 0 < self.first_sentinel_id < self.vocab_size:
+            raise ValueError(f"{self.name}: first_sentinel_id={self.first_sentinel_id} is outside the vocabulary")
+
+    @property
+    def mlp_matrices(self) -> int:  # type: ignore[override]
+        return 3 if self.feed_forward_proj == "gated-gelu" else 2
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per (encoder + decoder) token pair, the decoders' convention per stack."""
+        d, n, h, f = self.hidden_size, self.num_heads, self.head_dim, self.intermediate_size
+        attn, mlp = 4 * d * n * h, self.mlp_matrices * d * f
+        dense = self.num_layers * (attn + mlp) + self.num_decoder_layers * (2 * attn + mlp) + d * self.vocab_size
+        # Encoder self-attention and decoder cross-attention see every key; decoder
+        # self-attention is causal (half), as in the decoders' count.
+        keys = self.num_layers * seq_len + self.num_decoder_layers * (seq_len + seq_len / 2.0)
+        return 6.0 * dense + 12.0 * n * h * keys
+
+
+_T5 = dict(vocab_size=32128, head_dim=64, max_seq_len=512, first_sentinel_id=32099)
+
+PRESETS = (
+    # T5 v1.0 (tied, ReLU) and Flan-T5 (v1.1: gated-GELU, untied); vocab 32128, sentinels from 32099.
+    T5Config(name="t5-small", hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048, **_T5),
+    T5Config(name="t5-base", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, **_T5),
+    T5Config(name="t5-large", hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, **_T5),
+    T5Config(name="flan-t5-base", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, **_T5),
+    T5Config(name="tiny-t5", **TINY),
+    T5Config(name="tiny-t5-v1.1", feed_forward_proj="gated-gelu", tie_word_embeddings=False, **TINY),
+)
