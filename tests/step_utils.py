@@ -59,7 +59,11 @@ def assert_same_step(single, sharded, *, keys=("loss", "grad_norm"), rtol=1e-5):
     for key in keys:
         np.testing.assert_allclose(m8[key], m1[key], rtol=rtol, err_msg=key)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p8)):
-        # the floor: some leaves get an exactly-zero gradient (key biases: softmax ignores a constant shift of
-        # the logits) and move only by reduction-order noise, ~1e-10 here; real params are O(1e-2) per entry
-        rel = np.linalg.norm(a - b) / max(float(np.linalg.norm(a)), 1e-3)
-        assert rel <= rtol, (jax.tree_util.keystr(path), rel)
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['k_proj']['bias']"):
+            # a key bias gets an exactly-zero gradient (softmax ignores a constant shift of a query's
+            # logits): it moves only by reduction-order noise, so its bound is absolute, not relative
+            assert np.linalg.norm(a - b) <= 1e-8 and np.linalg.norm(a) <= 1e-6, (name, np.linalg.norm(a - b))
+            continue
+        rel = np.linalg.norm(a - b) / max(float(np.linalg.norm(a)), 1e-6)
+        assert rel <= rtol, (name, rel)

@@ -45,8 +45,6 @@ CASES = [pytest.param(family, name, id=name) for family, record in registry.FAMI
 # Where a check cannot hold for reasons outside the zoo: strict xfails, so a fix shows.
 CONFIG_GAPS = {name: "mask_token_id is the tokenizer's, not in an HF BERT config.json"
                for name in ("tiny-bert", "tiny-bert-cls")}
-# GPT-2's key bias has a gradient that is zero in exact arithmetic: its reduction-order noise
-# (~6e-5 relative) exceeds step_utils' 1e-5 floor. Not strict: the noise may fall under it.
 PARAM_COUNT_GAPS = {name: "transformers 5 always ties the T5 head when it builds from a config"
                     for name in ("flan-t5-base", "tiny-t5-v1.1")}
 
