@@ -2,13 +2,18 @@
 being lowered for.
 
 Implementations (see `IMPLEMENTATIONS`):
-  "xla"     `reference_attention`, pure jnp; runs everywhere.
-  "pallas"  our flash-attention kernel: Mosaic (`kernels.tpu`) when lowering for
-            TPU, the Triton kernel (`kernels.gpu_triton`) when lowering for CUDA,
-            Pallas interpret mode of the TPU kernel anywhere else (CPU tests).
-  "cudnn"   jax.nn.dot_product_attention(implementation="cudnn"); CUDA only.
-  None      "pallas" when lowering for TPU or CUDA, "xla" elsewhere ("xla"
-            everywhere when a bias is given, which the kernels do not take).
+  "xla"            `reference_attention`, pure jnp; runs everywhere.
+  "pallas"         our flash-attention kernel: Mosaic TPU (`kernels.tpu`) when lowering for TPU,
+                   Mosaic GPU (`kernels.gpu_mosaic`, Hopper sm90+, jax >= 0.12) when lowering for
+                   CUDA, Pallas interpret mode of the TPU kernel anywhere else (CPU tests). On CUDA a
+                   call the Mosaic GPU kernel does not serve (a pre-Hopper GPU, float32, a head dim
+                   outside 64..256, jax < 0.12) raises: it never falls back to the Triton kernel.
+  "pallas_triton"  the Pallas Triton-backend kernel (`kernels.gpu_triton`) for pre-Hopper GPUs, while
+                   the installed JAX still has the (deprecated) Triton backend; on CPU it runs in
+                   Pallas interpret mode; it does not lower for TPU.
+  "cudnn"          jax.nn.dot_product_attention(implementation="cudnn"); CUDA only.
+  None             "pallas" when lowering for TPU or CUDA, "xla" elsewhere ("xla"
+                   everywhere when a bias is given, which the kernels do not take).
 
 The choice follows the platform being lowered for (`jax.lax.platform_dependent`),
 not the host, so an AOT compile for TPU from a CPU host contains the Mosaic
@@ -26,9 +31,14 @@ import jax
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from kernels import base, gpu_triton, reference, sharding, tpu
+from kernels import base, gpu_mosaic, reference, sharding, tpu
 
-IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
+try:  # the Pallas Triton backend is deprecated (jax 0.11) and will leave jax
+    from kernels import gpu_triton
+except ImportError:  # pragma: no cover - a jax without jax.experimental.pallas.triton
+    gpu_triton = None
+
+IMPLEMENTATIONS = ("xla", "pallas", "pallas_triton", "cudnn")
 
 
 def attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
@@ -45,7 +55,7 @@ def attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
       sliding_window: W; query i sees keys j with i - W < j <= i.
       logits_soft_cap: c; scaled logits x become c * tanh(x / c).
       bias: additive logits bias broadcastable to [B, N, T, S] ("xla" only).
-      implementation: None, "xla", "pallas" or "cudnn" (see the module docstring).
+      implementation: None, "xla", "pallas", "pallas_triton" or "cudnn" (see the module docstring).
       mesh: the mesh to shard the kernel over; default the mesh in context
         (`jax.sharding.get_abstract_mesh()`), if any.
 
@@ -85,13 +95,35 @@ def _kernel_for_platform(implementation, q, k, v, q_ids, kv_ids, *, options):
                 return _fail_at_lowering(q, f"{what} cannot serve this call: {e}")
         return traced
 
+    if implementation == "pallas_triton":
+        what = "the Pallas Triton GPU kernel (kernels/gpu_triton.py)"
+        triton = branch(_triton, what)
+        return jax.lax.platform_dependent(
+            cuda=triton, tpu=branch(_unavailable, what, message="it only lowers for CUDA GPUs"),
+            default=branch(_triton, what + " in interpret mode", interpret=True))
     mosaic = branch(tpu.flash_attention, "the Pallas TPU kernel", interpret=False)
     if implementation == "pallas":
         default = branch(tpu.flash_attention, "the Pallas kernel in interpret mode", interpret=True)
     else:
         default = branch(reference.attend, "the reference")
-    cuda = branch(gpu_triton.flash_attention, "the Pallas GPU kernel (kernels/gpu_triton.py)")
+    cuda = branch(_mosaic_gpu, "the Mosaic GPU kernel (kernels/gpu_mosaic.py)")
     return jax.lax.platform_dependent(tpu=mosaic, cuda=cuda, default=default)
+
+
+def _mosaic_gpu(q, k, v, q_ids, kv_ids, options):
+    gpu_mosaic.check_device()
+    return gpu_mosaic.flash_attention(q, k, v, q_ids, kv_ids, options)
+
+
+def _triton(q, k, v, q_ids, kv_ids, options, interpret=False):
+    if gpu_triton is None:
+        raise NotImplementedError(f"the installed jax ({jax.__version__}) has no Pallas Triton backend; "
+                                  "use implementation='pallas' (Hopper+) or 'xla'")
+    return gpu_triton.flash_attention(q, k, v, q_ids, kv_ids, options, interpret=interpret)
+
+
+def _unavailable(q, k, v, q_ids, kv_ids, options, message):
+    raise NotImplementedError(message)
 
 
 def _check_cudnn(q, k, q_ids, options):

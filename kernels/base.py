@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 
 # Finite stand-in for -inf: exp() of differences stays NaN-free in rows where every key is masked.
 MASK_VALUE = -1e30
+LOG2_E = math.log2(math.e)
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
@@ -290,12 +291,85 @@ def probs_and_dlogits(cfg: Options, a, b, c, d, lse, delta, keep):
     dL/dp = c @ d.T. lse/delta broadcast against the tile (columns, or rows when the
     tile is transposed); keep is the tile's keep-mask or None."""
     s, t = logits(cfg, a, b)
+    return _probs_and_dlogits(cfg, s, t, c, d, lse, delta, keep, jnp.exp)
+
+
+def _probs_and_dlogits(cfg: Options, s, t, c, d, lse, delta, keep, exp):
+    """The shared body: logits s (natural or base 2, with `exp` to match) and their tanh t."""
     if keep is not None:
         s = jnp.where(keep, s, MASK_VALUE)
-    p = jnp.exp(s - lse)
+    p = exp(s - lse)
     if keep is not None:
         p = jnp.where(keep, p, 0.0)
     ds = p * (matmul_nt(c, d) - delta)
     if t is not None:
         ds = ds * (1.0 - t * t)  # d/dx of c * tanh(x / c)
     return p, ds * cfg.scale
+
+
+# Base-2 variants: q is multiplied once by `q_scale2(cfg)` = scale * log2(e), so a @ b.T
+# of the pre-scaled operands is the scaled logit in base 2 and exp2 replaces exp; the
+# logsumexp these functions take and the kernels keep is base 2 (natural = base-2 * ln 2).
+
+
+def q_scale2(cfg: Options) -> float:
+    """The factor folded into q: scale * log2(e)."""
+    return cfg.scale * LOG2_E
+
+
+def logits2(cfg: Options, a, b, prescaled: bool = True):
+    """Base-2 scaled (and soft-capped) logits a @ b.T in float32, one operand pre-scaled by
+    `q_scale2` (else, prescaled=False, the float32 product is multiplied by it), and the
+    tanh for the backward. The cap c acts on the natural scaled logit x:
+    log2(e) * c * tanh(x / c) = c2 * tanh(x2 / c2) with x2 = log2(e) * x, c2 = log2(e) * c."""
+    s = matmul_nt(a, b)
+    if not prescaled:
+        s = s * q_scale2(cfg)
+    if cfg.logits_soft_cap is None:
+        return s, None
+    cap2 = cfg.logits_soft_cap * LOG2_E
+    t = jnp.tanh(s * (1.0 / cap2))
+    return cap2 * t, t
+
+
+def probs_and_dlogits2(cfg: Options, a, b, c, d, lse2, delta, keep, prescaled: bool = True):
+    """`probs_and_dlogits` for pre-scaled operands (see `logits2`) and a base-2 lse:
+    p = exp2(s2 - lse2) equals exp(s - lse); the returned dlogits are d/d(q.k) of the
+    unscaled q and k, as there."""
+    s, t = logits2(cfg, a, b, prescaled)
+    return _probs_and_dlogits(cfg, s, t, c, d, lse2, delta, keep, jnp.exp2)
+
+
+# ----------------------------------------------------------------------------
+# Masked/unmasked split: only tiles that cross the causal diagonal, a window edge, the
+# kv padding or a segment boundary evaluate the keep-mask; interior tiles skip it.
+
+
+def tile_needs_mask(cfg: Config, q_start, key_start, block_q: int, block_kv: int, seg_ranges=None):
+    """Whether the [block_q, block_kv] tile whose first row/key are q_start/key_start (traced
+    or concrete ints) may hold a masked entry; False (static) when no tile can.
+
+    seg_ranges: (q_min, q_max, kv_min, kv_max) segment ids of the tile's rows and keys, or
+    None without segment ids. A tile is unmasked only if every row and key holds one and
+    the same non-zero id (padding, id 0, is always masked) and it lies inside the band.
+    """
+    needs = False
+    if cfg.banded:
+        first_pos = q_start + cfg.q_offset
+        needs = key_start + (block_kv - 1) > first_pos  # some key above the diagonal
+        if cfg.sliding_window is not None:  # some key at or before the window's start
+            needs = needs | (key_start <= first_pos + (block_q - 1) - cfg.sliding_window)
+    if seg_ranges is not None:
+        q_min, q_max, kv_min, kv_max = seg_ranges
+        one_segment = (q_min == q_max) & (kv_min == kv_max) & (q_min == kv_min) & (q_min != 0)
+        needs = needs | jnp.logical_not(one_segment)
+    elif cfg.kv_padded:
+        needs = needs | (key_start + (block_kv - 1) >= cfg.kv_len)
+    return needs
+
+
+def block_id_ranges(ids, block: int):
+    """Per-block (min, max) of segment ids [B, L] (L a multiple of block), flattened to
+    int32 [B * L // block] each (index b * (L // block) + i)."""
+    blocks = ids.reshape(ids.shape[0], -1, block)
+    return jnp.min(blocks, axis=-1).reshape(-1), jnp.max(blocks, axis=-1).reshape(-1)

@@ -1,7 +1,11 @@
 """Flash attention as Pallas kernels for TPU (Mosaic), also run in interpret mode on CPU.
 
 Forward: online softmax over kv blocks with float32 VMEM accumulators (m, l, acc),
-saving the logsumexp per query row. Backward: one kernel for dq (loop over kv
+saving the logsumexp per query row; each kv tile (one DMA) is computed in
+sub-blocks of `block_kv_compute` keys. Logits are base 2: scale * log2(e) is
+folded into q once per q block (float32 inputs; for bf16 it multiplies the
+float32 logits, see `_folds_scale`), exp2 replaces exp, and the saved logsumexp,
+which only the backward reads, is base 2. Backward: one kernel for dq (loop over kv
 blocks) and one for dk/dv (loop over the G query heads of a kv head and over q
 blocks), under `jax.custom_vjp`. Semantics are those of
 `kernels.reference_attention`; inputs arrive validated (`kernels.base.validate`).
@@ -12,10 +16,17 @@ masked by an explicit length or by segment id 0) and head_dim 96/192/... to a
 multiple of 128 (zeros change no dot product). Row statistics (lse, delta) and
 segment ids live in HBM as sublane-broadcast [..., 8, L] arrays, 32 bytes per
 row; kernels that need them as columns convert once per block into VMEM
-scratch. Blocks that causal/sliding-window masking empties are skipped with
-`pl.when`, and their index maps are clamped to a needed block so they are not
-even copied. The dk/dv kernel works on transposed [kv, q] tiles so its matmuls
-need no transposes. Nothing of size [T, S] is ever materialised.
+scratch. The grid is compacted: each kernel walks a list of the tiles with work
+(`kernels.tpu_grid`: the causal/window band and, with segment ids, only tiles
+whose rows and keys may share a document), scalar-prefetched into SMEM; its index
+maps read the list, so nothing outside it is fetched or computed. Of the visited
+tiles only those crossing the causal diagonal, a window edge, the kv padding or a
+segment boundary evaluate the mask (iota, compares, selects):
+`base.tile_needs_mask` decides from the tile's coordinates and its per-block
+min/max segment ids, also scalar-prefetched. Block sizes and the VMEM limit come
+from `kernels.tpu_tuning` (per TPU generation and head dim), which also writes
+each call's `pl.CostEstimate`. The dk/dv kernel works on transposed [kv, q] tiles
+so its matmuls need no transposes. Nothing of size [T, S] is ever materialised.
 
 Letter legend: B batch, T q length, S kv length, N q heads, K kv heads,
 G = N // K q heads per kv head, H head dim.
@@ -23,9 +34,7 @@ G = N // K q heads per kv head, H head dim.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -33,27 +42,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import base
+from kernels import base, tpu_grid, tpu_tuning
 from kernels.base import Config
+from kernels.tpu_tuning import BlockSizes
 
 _LANES = 128
 _SUBLANES = 8
 _SQUEEZED = pl.Squeezed()
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes(base.BlockSizes):
-    """Tile sizes of the TPU kernels: 128 (TPU lanes) times a power of two."""
-    MIN_BLOCK: ClassVar[int] = _LANES
-
-    @classmethod
-    def for_platform(cls, platform: str) -> BlockSizes:
-        """Defaults per lowering platform: big tiles on TPU; 128 elsewhere (interpret
-        mode, where small tiles keep the serial grid loop cheap to trace)."""
-        if platform == "tpu":
-            return cls(block_q=512, block_kv=512, block_q_dq=512, block_kv_dq=256, block_q_dkv=256,
-                       block_kv_dkv=512)
-        return cls(*(_LANES,) * 6)
 
 
 def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
@@ -64,15 +59,17 @@ def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
       q: [B, T, N, H]; k, v: [B, S, K, H] with K dividing N (query head n reads
         kv head n // (N // K); K/V are never repeated).
       q_ids, kv_ids, options: as `kernels.base.validate` returns them.
-      block_sizes: `BlockSizes`; default `BlockSizes.for_platform("tpu")` for
-        Mosaic, 128-row tiles in interpret mode.
+      block_sizes: `BlockSizes`; default the table row (`kernels.tpu_tuning`) of
+        the TPU generation being lowered for and the head dim, with its VMEM
+        limit, for Mosaic; 128-row tiles in interpret mode.
       interpret: run in Pallas interpret mode (CPU) instead of compiling with Mosaic.
 
     Returns:
       [B, T, N, H] in q's dtype; rows with nothing to attend to are zeros.
     """
     B, T, _, H = q.shape
-    blocks = block_sizes or BlockSizes.for_platform("cpu" if interpret else "tpu")
+    blocks = block_sizes or BlockSizes.for_platform(
+        "cpu" if interpret else "tpu", None if interpret else tpu_tuning.device_generation(), H, q.dtype)
     cfg, T_pad, S_pad = base.configure(options, q.shape, k.shape, has_segment_ids=q_ids is not None,
                                        blocks=blocks, interpret=interpret)
     # Zero head-dim padding leaves q.k unchanged and adds zero output columns.
@@ -87,14 +84,9 @@ def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
         q_ids_BT, kv_ids_BS = base.pad_segment_ids(q_ids, kv_ids, T_pad, S_pad)
         ids = (jnp.broadcast_to(q_ids_BT[:, None, :], (B, _SUBLANES, T_pad)),
                jnp.broadcast_to(kv_ids_BS[:, None, :], (B, _SUBLANES, S_pad)))
-    out_BNTH = _flash(cfg, to_blocks(q, T_pad), to_blocks(k, S_pad), to_blocks(v, S_pad), *ids)
+    costs = tpu_tuning.cost_estimates(cfg, B, q.shape[2], T_pad, S_pad, H_pad, q.dtype.itemsize)
+    out_BNTH = _flash(cfg, costs, to_blocks(q, T_pad), to_blocks(k, S_pad), to_blocks(v, S_pad), *ids)
     return jnp.swapaxes(out_BNTH[:, :, :T, :H], 1, 2)
-
-
-def _clamp(i, lo, hi):
-    """Block to fetch at grid step i: steps outside [lo, hi] are skipped and re-use
-    a neighbouring block's index, so the pipeline issues no copy for them."""
-    return jnp.minimum(jnp.maximum(i, lo), jnp.maximum(hi, lo))
 
 
 def _column(ref):
@@ -120,6 +112,29 @@ def _column_to_row(col):
     return jnp.sum(jnp.where(_diagonal(n), col, jnp.zeros((), col.dtype)), axis=0, keepdims=True)
 
 
+def _folds_scale(dtype) -> bool:
+    """Whether scale * log2(e) is folded into q (rounded to q's dtype) rather than multiplied
+    into the float32 logits: for float32 q only. Rounding a scaled bf16 q adds an error of
+    2**-9 of every logit, which the bf16 bounds of the conformance suite do not absorb."""
+    return jnp.dtype(dtype) == jnp.float32
+
+
+def _scaled_q(q_ref, q_scaled):
+    """The q operand of the base-2 logits: the folded copy (`_scale_q`) or q itself."""
+    return q_scaled[...] if _folds_scale(q_ref.dtype) else q_ref[...]
+
+
+def _scale_q(cfg: Config, q_scaled, q_ref):
+    """q_scaled = q * scale * log2(e), once per q block, when the scale is folded into q."""
+    if _folds_scale(q_ref.dtype):
+        q_scaled[...] = (q_ref[...].astype(jnp.float32) * base.q_scale2(cfg)).astype(q_scaled.dtype)
+
+
+def _q_scratch(bq, H, dtype):
+    """VMEM for the folded q (a dummy 8x128 tile when the scale is not folded)."""
+    return pltpu.VMEM((bq, H) if _folds_scale(dtype) else (_SUBLANES, _LANES), dtype)
+
+
 def _zero(*refs):
     for ref in refs:
         ref[...] = jnp.zeros(ref.shape, ref.dtype)
@@ -129,95 +144,154 @@ def _fill_lanes(ref, col):
     ref[...] = jnp.broadcast_to(col, ref.shape)
 
 
+def _prefetched(cfg: Config, refs, n_lists: int):
+    """(the tile lists, the 4 segment-range refs or None, the other refs) of a kernel's refs."""
+    lists, refs = refs[:n_lists], refs[n_lists:]
+    return (lists, refs[:4], refs[4:]) if cfg.has_segment_ids else (lists, None, refs)
+
+
+def _entry(cfg: Config, steps: int, b, s):
+    """List index of grid step s of batch row b: lists are per row only with segment ids."""
+    return b * steps + s if cfg.has_segment_ids else s
+
+
+def _tile_ranges(ranges, qi, num_q: int, kj, num_kv: int):
+    """(q_min, q_max, kv_min, kv_max) segment ids of tile (qi, kj) of batch row
+    program_id(0), read from the SMEM block ranges; None without segment ids."""
+    if ranges is None:
+        return None
+    b = pl.program_id(0)
+    q_min, q_max, kv_min, kv_max = ranges
+    return (q_min[b * num_q + qi], q_max[b * num_q + qi], kv_min[b * num_kv + kj], kv_max[b * num_kv + kj])
+
+
+def _segment_ranges(ids, block_q: int, block_kv: int):
+    """Scalar-prefetch operands for the mask split: per-block (min, max) q and kv ids, or ()."""
+    if not ids:
+        return ()
+    return (*base.block_id_ranges(ids[0][:, 0, :], block_q), *base.block_id_ranges(ids[1][:, 0, :], block_kv))
+
+
+def _list_ranges(ids, block_q: int, block_kv: int):
+    """Per-block document ranges of q and kv ids for the tile lists, or None."""
+    if not ids:
+        return None
+    return tpu_grid.block_ranges(ids[0][:, 0, :], block_q), tpu_grid.block_ranges(ids[1][:, 0, :], block_kv)
+
+
 # ----------------------------------------------------------------------------
 # Kernels. Row statistics (lse, delta) and segment ids arrive as rows of
 # sublane-broadcast [8, block] tiles; the kernels that need them as columns
 # convert once per block into lane-broadcast [block, 128] VMEM scratch.
 
 
-def _fwd_kernel(*refs, cfg: Config):
+def _fwd_kernel(*refs, cfg: Config, steps: int, num_q: int, num_kv: int):
+    (q_list, kv_list, flags), ranges, refs = _prefetched(cfg, refs, 3)
     if cfg.has_segment_ids:
         (q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, m_ref, l_ref,
-         acc_ref, q_ids_col) = refs
+         acc_ref, q_scaled, q_ids_col) = refs
     else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
+        q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, q_scaled = refs
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_kv
-    qi, ki = pl.program_id(2), pl.program_id(3)
+    e = _entry(cfg, steps, pl.program_id(0), pl.program_id(2))
+    qi, ki, flag = q_list[e], kv_list[e], flags[e]
 
-    @pl.when(ki == 0)
+    @pl.when(tpu_grid.flag(flag, tpu_grid.FIRST))
     def _init():
         m_ref[...] = jnp.full(m_ref.shape, base.MASK_VALUE, jnp.float32)
         _zero(l_ref, acc_ref)
+        _scale_q(cfg, q_scaled, q_ref)
         if cfg.has_segment_ids:
             _fill_lanes(q_ids_col, _row_to_column(q_ids_ref[:1, :]))
 
-    lo, hi = base.kv_block_range(cfg, qi, bq, bk)
+    # The kv tile is fetched whole and computed in sub-blocks of block_kv_compute keys,
+    # each skipped when the causal/window band leaves it empty; only sub-blocks that
+    # cross a mask edge evaluate the keep-mask.
+    bc = cfg.blocks.kv_compute
+    lo, hi = base.kv_block_range(cfg, qi, bq, bc)
+    for c in range(bk // bc):
+        j = ki * (bk // bc) + c  # sub-block index along the kv axis
 
-    @pl.when((ki >= lo) & (ki <= hi))
-    def _step():
-        s, _ = base.logits(cfg, q_ref[...], k_ref[...])
-        ids = (_column(q_ids_col), kv_ids_ref[:1, :]) if cfg.has_segment_ids else ()
-        keep = base.tile_keep_mask(cfg, qi * bq, ki * bk, bq, bk, *ids)
-        if keep is not None:
-            s = jnp.where(keep, s, base.MASK_VALUE)
-        m_prev = _column(m_ref)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.exp(s - m_next)
-        if keep is not None:
-            p = jnp.where(keep, p, 0.0)  # rows with no key so far keep l == 0
-        alpha = jnp.exp(m_prev - m_next)
-        l_next = alpha * _column(l_ref) + jnp.sum(p, axis=1, keepdims=True)
-        v = v_ref[...]
-        acc_ref[...] = alpha * acc_ref[...] + base.matmul(p.astype(v.dtype), v)
-        _fill_lanes(m_ref, m_next)
-        _fill_lanes(l_ref, l_next)
+        def step(masked, c=c, j=j):
+            keys = pl.ds(c * bc, bc)
+            s, _ = base.logits2(cfg, _scaled_q(q_ref, q_scaled), k_ref[keys, :],
+                                prescaled=_folds_scale(q_ref.dtype))  # base 2
+            keep = None
+            if masked:
+                ids = (_column(q_ids_col), kv_ids_ref[:1, keys]) if cfg.has_segment_ids else ()
+                keep = base.tile_keep_mask(cfg, qi * bq, j * bc, bq, bc, *ids)
+            if keep is not None:
+                s = jnp.where(keep, s, base.MASK_VALUE)
+            m_prev = _column(m_ref)
+            m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+            p = jnp.exp2(s - m_next)
+            if keep is not None:
+                p = jnp.where(keep, p, 0.0)  # rows with no key so far keep l == 0
+            alpha = jnp.exp2(m_prev - m_next)
+            l_next = alpha * _column(l_ref) + jnp.sum(p, axis=1, keepdims=True)
+            v = v_ref[keys, :]
+            acc_ref[...] = alpha * acc_ref[...] + base.matmul(p.astype(v.dtype), v)
+            _fill_lanes(m_ref, m_next)
+            _fill_lanes(l_ref, l_next)
 
-    @pl.when(ki == pl.num_programs(3) - 1)
+        seg = _tile_ranges(ranges, qi, num_q, j, num_kv * (bk // bc))
+        visited = tpu_grid.flag(flag, tpu_grid.VALID) & (j >= lo) & (j <= hi)
+        tpu_grid.visit(visited, base.tile_needs_mask(cfg, qi * bq, j * bc, bq, bc, seg), step)
+
+    @pl.when(tpu_grid.flag(flag, tpu_grid.LAST))
     def _finish():
         l = _column(l_ref)
         empty = l == 0.0
         o_ref[...] = (acc_ref[...] / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
-        lse = jnp.where(empty, 0.0, _column(m_ref) + jnp.log(jnp.where(empty, 1.0, l)))
+        lse = jnp.where(empty, 0.0, _column(m_ref) + jnp.log2(jnp.where(empty, 1.0, l)))  # base 2
         _fill_lanes(lse_ref, _column_to_row(lse))
 
 
-def _dq_kernel(*refs, cfg: Config):
+def _dq_kernel(*refs, cfg: Config, steps: int, num_q: int, num_kv: int):
+    (q_list, kv_list, flags), ranges, refs = _prefetched(cfg, refs, 3)
     if cfg.has_segment_ids:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref,
-         dq_ref, dq_acc, lse_col, delta_col, q_ids_col) = refs
+         dq_ref, dq_acc, lse_col, delta_col, q_scaled, q_ids_col) = refs
     else:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc, lse_col,
-         delta_col) = refs
+         delta_col, q_scaled) = refs
     bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_kv_dq
-    qi, ki = pl.program_id(2), pl.program_id(3)
+    e = _entry(cfg, steps, pl.program_id(0), pl.program_id(2))
+    qi, ki, flag = q_list[e], kv_list[e], flags[e]
 
-    @pl.when(ki == 0)
+    @pl.when(tpu_grid.flag(flag, tpu_grid.FIRST))
     def _init():
         _zero(dq_acc)
+        _scale_q(cfg, q_scaled, q_ref)
         _fill_lanes(lse_col, _row_to_column(lse_ref[:1, :]))
         _fill_lanes(delta_col, _row_to_column(delta_ref[:1, :]))
         if cfg.has_segment_ids:
             _fill_lanes(q_ids_col, _row_to_column(q_ids_ref[:1, :]))
 
-    lo, hi = base.kv_block_range(cfg, qi, bq, bk)
-
-    @pl.when((ki >= lo) & (ki <= hi))
-    def _step():
+    def step(masked):
         k = k_ref[...]
-        ids = (_column(q_ids_col), kv_ids_ref[:1, :]) if cfg.has_segment_ids else ()
-        keep = base.tile_keep_mask(cfg, qi * bq, ki * bk, bq, bk, *ids)
-        _, ds = base.probs_and_dlogits(cfg, q_ref[...], k, do_ref[...], v_ref[...],
-                                       _column(lse_col), _column(delta_col), keep)
+        keep = None
+        if masked:
+            ids = (_column(q_ids_col), kv_ids_ref[:1, :]) if cfg.has_segment_ids else ()
+            keep = base.tile_keep_mask(cfg, qi * bq, ki * bk, bq, bk, *ids)
+        _, ds = base.probs_and_dlogits2(cfg, _scaled_q(q_ref, q_scaled), k, do_ref[...], v_ref[...],
+                                        _column(lse_col), _column(delta_col), keep,
+                                        prescaled=_folds_scale(q_ref.dtype))
         dq_acc[...] += base.matmul(ds.astype(k.dtype), k)
 
-    @pl.when(ki == pl.num_programs(3) - 1)
+    seg = _tile_ranges(ranges, qi, num_q, ki, num_kv)
+    tpu_grid.visit(tpu_grid.flag(flag, tpu_grid.VALID), base.tile_needs_mask(cfg, qi * bq, ki * bk, bq, bk, seg),
+                   step)
+
+    @pl.when(tpu_grid.flag(flag, tpu_grid.LAST))
     def _finish():
         dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, cfg: Config):
+def _dkv_kernel(*refs, cfg: Config, steps: int, num_q: int, num_kv: int):
     # Works on transposed tiles [block_kv, block_q] (keys on sublanes), so that
     # dv = p.T @ do and dk = ds.T @ q are plain matmuls and lse/delta are rows.
+    (kv_list, _, q_list, flags), ranges, refs = _prefetched(cfg, refs, 4)
     if cfg.has_segment_ids:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref,
          dk_ref, dv_ref, dk_acc, dv_acc, kv_ids_col) = refs
@@ -225,27 +299,33 @@ def _dkv_kernel(*refs, cfg: Config):
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc,
          dv_acc) = refs
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_kv_dkv
-    ki, g, qi = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    e = _entry(cfg, steps, pl.program_id(0), pl.program_id(2))
+    ki, qi, flag = kv_list[e], q_list[e], flags[e]
 
-    @pl.when((g == 0) & (qi == 0))
+    @pl.when(tpu_grid.flag(flag, tpu_grid.FIRST))
     def _init():
         _zero(dk_acc, dv_acc)
         if cfg.has_segment_ids:
             _fill_lanes(kv_ids_col, _row_to_column(kv_ids_ref[:1, :]))
 
-    lo, hi = base.q_block_range(cfg, ki, bq, bk)
-
-    @pl.when((qi >= lo) & (qi <= hi))
-    def _step():
+    def step(masked):
         q, do = q_ref[...], do_ref[...]
-        ids = (q_ids_ref[:1, :], _column(kv_ids_col)) if cfg.has_segment_ids else (None, None)
-        keep = base.tile_keep_mask(cfg, qi * bq, ki * bk, bq, bk, *ids, transposed=True)
-        pt, dst = base.probs_and_dlogits(cfg, k_ref[...], q, v_ref[...], do,
-                                         lse_ref[:1, :], delta_ref[:1, :], keep)
+        keep = None
+        if masked:
+            ids = (q_ids_ref[:1, :], _column(kv_ids_col)) if cfg.has_segment_ids else (None, None)
+            keep = base.tile_keep_mask(cfg, qi * bq, ki * bk, bq, bk, *ids, transposed=True)
+        fold = _folds_scale(q.dtype)
+        q_scaled = (q * base.q_scale2(cfg)).astype(q.dtype) if fold else q
+        pt, dst = base.probs_and_dlogits2(cfg, k_ref[...], q_scaled, v_ref[...], do,
+                                          lse_ref[:1, :], delta_ref[:1, :], keep, prescaled=fold)
         dv_acc[...] += base.matmul(pt.astype(do.dtype), do)
         dk_acc[...] += base.matmul(dst.astype(q.dtype), q)
 
-    @pl.when((g == pl.num_programs(3) - 1) & (qi == pl.num_programs(4) - 1))
+    seg = _tile_ranges(ranges, qi, num_q, ki, num_kv)
+    tpu_grid.visit(tpu_grid.flag(flag, tpu_grid.VALID), base.tile_needs_mask(cfg, qi * bq, ki * bk, bq, bk, seg),
+                   step)
+
+    @pl.when(tpu_grid.flag(flag, tpu_grid.LAST))
     def _finish():
         dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
@@ -256,16 +336,17 @@ def _dkv_kernel(*refs, cfg: Config):
 
 
 def _pallas_call(kernel, cfg: Config, *, grid, in_specs, out_specs, out_shape,
-                 scratch_shapes, semantics, name):
+                 scratch_shapes, semantics, name, cost, num_prefetch, **kernel_kwargs):
     kwargs = {}
     if not cfg.interpret:
-        kwargs["compiler_params"] = pltpu.CompilerParams(dimension_semantics=semantics)
+        kwargs["compiler_params"] = pltpu.CompilerParams(
+            dimension_semantics=semantics, vmem_limit_bytes=cfg.blocks.vmem_limit_bytes)
     return pl.pallas_call(
-        functools.partial(kernel, cfg=cfg),
+        functools.partial(kernel, cfg=cfg, **kernel_kwargs),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=0, grid=grid, in_specs=in_specs,
+            num_scalar_prefetch=num_prefetch, grid=grid, in_specs=in_specs,
             out_specs=out_specs, scratch_shapes=scratch_shapes),
-        out_shape=out_shape, interpret=cfg.interpret, name=name, **kwargs)
+        out_shape=out_shape, interpret=cfg.interpret, name=name, cost_estimate=cost, **kwargs)
 
 
 def _row_spec(block_rows, width, index_map):
@@ -294,110 +375,114 @@ def _lanes(rows, dtype=jnp.float32):
     return pltpu.VMEM((rows, _LANES), dtype)
 
 
-def _q_major_specs(cfg: Config, bq, bk, H, *, stats):
-    """In specs of the forward and dq calls (grid b, n, q block, kv block) and the q map."""
-    def kv_block(qi, ki):
-        return _clamp(ki, *base.kv_block_range(cfg, qi, bq, bk))
-
-    q_map = lambda b, n, qi, ki: (b, n, qi, 0)
-    kv_map = lambda b, n, qi, ki: (b, lax.div(n, cfg.groups), kv_block(qi, ki), 0)
-    stat_map = lambda b, n, qi, ki: (b, n, 0, qi)
+def _q_major_specs(cfg: Config, steps, bq, bk, H, *, stats):
+    """In specs of the forward and dq calls (grid b, n, list step; the tile lists
+    (q block, kv block, flags) scalar-prefetched) and the q and statistics maps."""
+    entry = functools.partial(_entry, cfg, steps)
+    q_map = lambda b, n, s, ql, kl, *_: (b, n, ql[entry(b, s)], 0)
+    kv_map = lambda b, n, s, ql, kl, *_: (b, lax.div(n, cfg.groups), kl[entry(b, s)], 0)
+    stat_map = lambda b, n, s, ql, kl, *_: (b, n, 0, ql[entry(b, s)])
     in_specs = [_row_spec(bq, H, q_map), _row_spec(bk, H, kv_map), _row_spec(bk, H, kv_map)]
     if stats:  # do, lse, delta
         in_specs += [_row_spec(bq, H, q_map), _stat_spec(bq, stat_map), _stat_spec(bq, stat_map)]
     if cfg.has_segment_ids:
-        in_specs += [_ids_spec(bq, lambda b, n, qi, ki: (b, 0, qi)),
-                     _ids_spec(bk, lambda b, n, qi, ki: (b, 0, kv_block(qi, ki)))]
+        in_specs += [_ids_spec(bq, lambda b, n, s, ql, kl, *_: (b, 0, ql[entry(b, s)])),
+                     _ids_spec(bk, lambda b, n, s, ql, kl, *_: (b, 0, kl[entry(b, s)]))]
     return in_specs, q_map, stat_map
 
 
-def _fwd_call(cfg: Config, q, k, v, *ids):
+def _fwd_call(cfg: Config, cost, q, k, v, *ids):
     B, N, T, H = q.shape
     S = k.shape[2]
-    bq, bk = cfg.blocks.block_q, cfg.blocks.block_kv
-    in_specs, q_map, stat_map = _q_major_specs(cfg, bq, bk, H, stats=False)
-    scratch = [_lanes(bq), _lanes(bq), pltpu.VMEM((bq, H), jnp.float32)]
+    bq, bk, bc = cfg.blocks.block_q, cfg.blocks.block_kv, cfg.blocks.kv_compute
+    *lists, steps = tpu_grid.q_major_lists(cfg, bq, bk, T // bq, S // bk, _list_ranges(ids, bq, bk))
+    prefetch = (*lists, *_segment_ranges(ids, bq, bc))
+    in_specs, q_map, stat_map = _q_major_specs(cfg, steps, bq, bk, H, stats=False)
+    scratch = [_lanes(bq), _lanes(bq), pltpu.VMEM((bq, H), jnp.float32), _q_scratch(bq, H, q.dtype)]
     if ids:
         scratch.append(_lanes(bq, jnp.int32))
     return _pallas_call(
-        _fwd_kernel, cfg, grid=(B, N, T // bq, S // bk), in_specs=in_specs,
+        _fwd_kernel, cfg, grid=(B, N, steps), in_specs=in_specs,
         out_specs=[_row_spec(bq, H, q_map), _stat_spec(bq, stat_map)],
         out_shape=[_out_like(q.shape, q.dtype, q),
                    _out_like((B, N, _SUBLANES, T), jnp.float32, q)],
-        scratch_shapes=scratch,
-        semantics=("parallel", "parallel", "parallel", "arbitrary"), name="flash_fwd")(
-            q, k, v, *ids)
+        scratch_shapes=scratch, num_prefetch=len(prefetch),
+        semantics=("parallel", "parallel", "arbitrary"), name="flash_fwd", cost=cost,
+        steps=steps, num_q=T // bq, num_kv=S // bk)(*prefetch, q, k, v, *ids)
 
 
-def _dq_call(cfg: Config, q, k, v, do, lse, delta, *ids):
+def _dq_call(cfg: Config, cost, q, k, v, do, lse, delta, *ids):
     B, N, T, H = q.shape
     S = k.shape[2]
     bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_kv_dq
-    in_specs, q_map, _ = _q_major_specs(cfg, bq, bk, H, stats=True)
-    scratch = [pltpu.VMEM((bq, H), jnp.float32), _lanes(bq), _lanes(bq)]
+    *lists, steps = tpu_grid.q_major_lists(cfg, bq, bk, T // bq, S // bk, _list_ranges(ids, bq, bk))
+    prefetch = (*lists, *_segment_ranges(ids, bq, bk))
+    in_specs, q_map, _ = _q_major_specs(cfg, steps, bq, bk, H, stats=True)
+    scratch = [pltpu.VMEM((bq, H), jnp.float32), _lanes(bq), _lanes(bq), _q_scratch(bq, H, q.dtype)]
     if ids:
         scratch.append(_lanes(bq, jnp.int32))
     return _pallas_call(
-        _dq_kernel, cfg, grid=(B, N, T // bq, S // bk), in_specs=in_specs,
+        _dq_kernel, cfg, grid=(B, N, steps), in_specs=in_specs,
         out_specs=_row_spec(bq, H, q_map),
-        out_shape=_out_like(q.shape, q.dtype, q), scratch_shapes=scratch,
-        semantics=("parallel", "parallel", "parallel", "arbitrary"), name="flash_dq")(
-            q, k, v, do, lse, delta, *ids)
+        out_shape=_out_like(q.shape, q.dtype, q), scratch_shapes=scratch, num_prefetch=len(prefetch),
+        semantics=("parallel", "parallel", "arbitrary"), name="flash_dq", cost=cost,
+        steps=steps, num_q=T // bq, num_kv=S // bk)(*prefetch, q, k, v, do, lse, delta, *ids)
 
 
-def _dkv_call(cfg: Config, q, k, v, do, lse, delta, *ids):
+def _dkv_call(cfg: Config, cost, q, k, v, do, lse, delta, *ids):
     B, _, T, H = q.shape
     K, S = k.shape[1], k.shape[2]
     G = cfg.groups
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_kv_dkv
-
-    def q_block(ki, qi):
-        return _clamp(qi, *base.q_block_range(cfg, ki, bq, bk))
-
-    q_map = lambda b, h, ki, g, qi: (b, h * G + g, q_block(ki, qi), 0)
-    kv_map = lambda b, h, ki, g, qi: (b, h, ki, 0)
-    stat_map = lambda b, h, ki, g, qi: (b, h * G + g, 0, q_block(ki, qi))
+    *lists, steps = tpu_grid.kv_major_lists(cfg, bq, bk, T // bq, S // bk, G, _list_ranges(ids, bq, bk))
+    prefetch = (*lists, *_segment_ranges(ids, bq, bk))
+    entry = functools.partial(_entry, cfg, steps)
+    # Grid (b, kv head h, list step); list entries (kv block, head g of the group, q block).
+    q_map = lambda b, h, s, kl, gl, ql, *_: (b, h * G + gl[entry(b, s)], ql[entry(b, s)], 0)
+    kv_map = lambda b, h, s, kl, *_: (b, h, kl[entry(b, s)], 0)
+    stat_map = lambda b, h, s, kl, gl, ql, *_: (b, h * G + gl[entry(b, s)], 0, ql[entry(b, s)])
     in_specs = [_row_spec(bq, H, q_map), _row_spec(bk, H, kv_map), _row_spec(bk, H, kv_map),
                 _row_spec(bq, H, q_map), _stat_spec(bq, stat_map), _stat_spec(bq, stat_map)]
     scratch = [pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)]
     if ids:
-        in_specs += [_ids_spec(bq, lambda b, h, ki, g, qi: (b, 0, q_block(ki, qi))),
-                     _ids_spec(bk, lambda b, h, ki, g, qi: (b, 0, ki))]
+        in_specs += [_ids_spec(bq, lambda b, h, s, kl, gl, ql, *_: (b, 0, ql[entry(b, s)])),
+                     _ids_spec(bk, lambda b, h, s, kl, *_: (b, 0, kl[entry(b, s)]))]
         scratch.append(_lanes(bk, jnp.int32))
     return _pallas_call(
-        _dkv_kernel, cfg, grid=(B, K, S // bk, G, T // bq), in_specs=in_specs,
+        _dkv_kernel, cfg, grid=(B, K, steps), in_specs=in_specs,
         out_specs=[_row_spec(bk, H, kv_map), _row_spec(bk, H, kv_map)],
         out_shape=[_out_like(k.shape, k.dtype, k), _out_like(v.shape, v.dtype, v)],
-        scratch_shapes=scratch,
-        semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
-        name="flash_dkv")(q, k, v, do, lse, delta, *ids)
+        scratch_shapes=scratch, num_prefetch=len(prefetch),
+        semantics=("parallel", "parallel", "arbitrary"), name="flash_dkv", cost=cost,
+        steps=steps, num_q=T // bq, num_kv=S // bk)(*prefetch, q, k, v, do, lse, delta, *ids)
 
 
 # ----------------------------------------------------------------------------
 # custom_vjp on the padded [B, N, L, H] layout.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, *ids):
-    """Attention on padded [B, N, L, H] inputs; ids are [B, 8, L] or absent."""
-    return _fwd_call(cfg, q, k, v, *ids)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(cfg, costs, q, k, v, *ids):
+    """Attention on padded [B, N, L, H] inputs; ids are [B, 8, L] or absent; costs are
+    the (fwd, dq, dkv) `pl.CostEstimate`s."""
+    return _fwd_call(cfg, costs[0], q, k, v, *ids)[0]
 
 
-def _flash_fwd(cfg, q, k, v, *ids):
-    out, lse = _fwd_call(cfg, q, k, v, *ids)
+def _flash_fwd(cfg, costs, q, k, v, *ids):
+    out, lse = _fwd_call(cfg, costs[0], q, k, v, *ids)
     # Keep one sublane of the statistic as the residual (8x less memory).
     return out, (q, k, v, out, lse[:, :, 0, :], ids)
 
 
-def _flash_bwd(cfg, residuals, do):
+def _flash_bwd(cfg, costs, residuals, do):
     q, k, v, out, lse, ids = residuals  # lse: [B, N, T]
     B, N, T, _ = q.shape
     delta_BNT = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     lse, delta = (jnp.broadcast_to(x_BNT[:, :, None, :], (B, N, _SUBLANES, T))
                   for x_BNT in (lse, delta_BNT))
     do = do.astype(q.dtype)
-    dq = _dq_call(cfg, q, k, v, do, lse, delta, *ids)
-    dk, dv = _dkv_call(cfg, q, k, v, do, lse, delta, *ids)
+    dq = _dq_call(cfg, costs[1], q, k, v, do, lse, delta, *ids)
+    dk, dv = _dkv_call(cfg, costs[2], q, k, v, do, lse, delta, *ids)
     return (dq, dk, dv) + tuple(None for _ in ids)
 
 

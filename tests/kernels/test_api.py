@@ -9,7 +9,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 import kernels
-from kernels import reference_attention, tpu
+from kernels import gpu_mosaic, reference_attention, tpu
 from kernels.gpu_triton import cuda_lowering_device
 
 from kernel_utils import RULES, direct, segments, value_and_grads
@@ -80,15 +80,51 @@ def test_cpu_lowering_uses_interpret_mode_or_reference():
     assert "stablehlo.while" not in default and "custom_call" not in default
 
 
-def test_cuda_lowering_uses_the_triton_kernel():
+def test_pallas_triton_lowers_the_triton_kernel_for_cuda():
     q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
-    loss = lambda q: jnp.sum(kernels.attention(q, q, q, causal=True).astype(jnp.float32))
+    loss = lambda q: jnp.sum(kernels.attention(q, q, q, causal=True, implementation="pallas_triton")
+                             .astype(jnp.float32))
     with cuda_lowering_device():
         text = _lowered(jax.grad(loss), q, platform="cuda")
-    assert "triton" in text and "tpu_custom_call" not in text
+    assert "triton" in text and "mosaic_gpu" not in text and "tpu_custom_call" not in text
     # Interpret mode (a while loop over the grid, as in the CPU lowering above)
     # must not leak into the CUDA lowering.
     assert "stablehlo.while" not in text
+    with pytest.raises(NotImplementedError, match="only lowers for CUDA"):
+        _lowered(lambda q: kernels.attention(q, q, q, implementation="pallas_triton"), q, platform="tpu")
+
+
+def test_pallas_triton_runs_in_interpret_mode_on_cpu():
+    q = jax.random.normal(jax.random.PRNGKey(1), (1, 40, 2, 64))
+    out = kernels.attention(q, q, q, causal=True, implementation="pallas_triton")
+    np.testing.assert_allclose(out, reference_attention(q, q, q, causal=True), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("implementation, capability", [(None, (9, 0)), ("pallas", None), (None, (10, 0))])
+def test_default_cuda_dispatch_never_reaches_triton(implementation, capability, monkeypatch):
+    """On sm90+ (and when lowering from a host without a GPU, which Mosaic GPU lowers for sm90) the
+    CUDA branch is the Mosaic GPU kernel; with jax < 0.12 it raises; never the Triton kernel."""
+    monkeypatch.setattr(gpu_mosaic, "local_compute_capability", lambda: capability)
+    q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    loss = lambda q: jnp.sum(kernels.attention(q, q, q, causal=True, implementation=implementation)
+                             .astype(jnp.float32))
+    with cuda_lowering_device():
+        if not gpu_mosaic.AVAILABLE:
+            with pytest.raises(NotImplementedError, match=r"Mosaic GPU kernel.*jax >= 0\.12"):
+                _lowered(jax.grad(loss), q, platform="cuda")
+            return
+        text = _lowered(jax.grad(loss), q, platform="cuda")
+    assert "triton" not in text and "tpu_custom_call" not in text
+    assert text.count("custom_call @mosaic_gpu") == 3  # fwd, dq, dk/dv
+    assert "stablehlo.while" not in text  # no interpret mode
+
+
+def test_pre_hopper_cuda_raises_instead_of_falling_back(monkeypatch):
+    monkeypatch.setattr(gpu_mosaic, "local_compute_capability", lambda: (8, 0))
+    q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    with cuda_lowering_device(device_kind="NVIDIA A100"), pytest.raises(
+            NotImplementedError, match="Mosaic GPU kernel" if not gpu_mosaic.AVAILABLE else "pallas_triton"):
+        _lowered(lambda q: kernels.attention(q, q, q), q, platform="cuda")
 
 
 def test_a_kernel_rejecting_the_call_fails_only_when_lowered():

@@ -49,6 +49,7 @@ CASES = {
     "sliding_window": dict(T=384, causal=True, sliding_window=100),
     "sliding_window_only": dict(T=96, N=2, K=1, sliding_window=20),
     "soft_cap": dict(logits_soft_cap=1.0, scale=1.0, causal=True),
+    "soft_cap_noncausal": dict(T=64, N=2, K=1, logits_soft_cap=2.0, scale=0.5),
     "soft_cap_causal_window": dict(T=50, logits_soft_cap=5.0, causal=True, sliding_window=17),
     "q_shorter_than_kv": dict(T=130, S=400, causal=True),
     "q_longer_than_kv": dict(T=300, S=140, causal=True),  # first 160 rows are empty

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import kernels
+from kernels import tpu_tuning
 
 from kernel_utils import RULES
 
@@ -51,7 +52,7 @@ def _compile_train_step(name, seq_len, implementation):
             jax.ShapeDtypeStruct((B, seq_len, K, H), jnp.bfloat16, sharding=heads),
             jax.ShapeDtypeStruct((B, seq_len), jnp.int32, sharding=NamedSharding(mesh, P("data"))))
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+        return _compile(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args))
 
 
 def _q_shard_bytes(seq_len):
@@ -64,10 +65,32 @@ def _temp_bytes(compiled):
 
 
 def _assert_mosaic(compiled):
-    text = compiled.as_text()
+    try:
+        text = compiled.as_text()
+    except jax.errors.JaxRuntimeError as e:
+        # Known version skew: libtpu's compiler offloads the gathers of the segment-id tile
+        # lists' binary searches (kernels/tpu_grid.py) to v5p/v6e SparseCores as async ops
+        # with 3 operands, which jaxlib's HLO printer rejects. The compile itself succeeded;
+        # check the lowered module instead: its Mosaic calls (an interpret-mode kernel has none).
+        if "async-update" not in str(e):
+            raise
+        text = _LOWERED_TEXT.get(id(compiled), "")
+        assert text, "no lowered text recorded for this compile"
     # forward, dq and dk/dv kernels; interpret mode would show up as a while loop.
     assert text.count("tpu_custom_call") >= 3, "expected the Mosaic kernels in the HLO"
-    assert " while(" not in text, "interpret-mode loop in a TPU compile"
+    # The only loops allowed are the binary searches that build the segment-id tile lists.
+    loops = [line for line in text.splitlines() if " while(" in line and "searchsorted" not in line]
+    assert not loops, f"interpret-mode loop in a TPU compile: {loops[0][:300]}"
+
+
+_LOWERED_TEXT = {}
+
+
+def _compile(lowered):
+    """lowered.compile(), remembering the lowered module's text for `_assert_mosaic`."""
+    compiled = lowered.compile()
+    _LOWERED_TEXT[id(compiled)] = lowered.as_text()
+    return compiled
 
 
 LENGTHS = (4096, 8192, 16384, 32768)
@@ -124,5 +147,36 @@ def test_feature_compiles_for_tpu(feature):
     shapes = ((2, T, 4, head_dim, dtype), (2, S, K_, head_dim, dtype), (2, S, K_, head_dim, dtype))
     args = [jax.ShapeDtypeStruct(s[:4], s[4], sharding=one_chip) for s in shapes]
     args.append(jax.ShapeDtypeStruct((2, T), jnp.int32, sharding=one_chip))
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+    compiled = _compile(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args))
     _assert_mosaic(compiled)
+
+
+def test_lowering_reads_the_generation_from_the_mesh_device_kind():
+    for name, generation in (("v4:2x2x1", "v4"), ("v5e:2x2", "v5e"), ("v5p:2x2x1", "v5p"), ("v6e:2x2", "v6e")):
+        mesh = Mesh(np.array(_topology_devices(name)[:1]), ("data",))
+        with jax.set_mesh(mesh):
+            assert tpu_tuning.device_generation() == generation, name
+
+
+# The CostEstimate is honest: XLA's cost analysis of the compiled fwd+bwd counts the kernels'
+# flops, within 10% of 4*B*N*T*S*H (fwd) + 2.5x that (bwd), halved when causal (at these
+# lengths the diagonal blocks, computed whole, add ~3%).
+@pytest.mark.parametrize("name", TOPOLOGIES)
+@pytest.mark.parametrize("seq_len, causal", [(4096, False), (32768, True)])
+def test_cost_analysis_counts_the_attention_flops(name, seq_len, causal):
+    mesh = Mesh(np.array(_topology_devices(name)[:1]), ("data",))
+    b, n, k, h = 1, 4, 2, 128
+
+    def loss(q, k, v):
+        out = kernels.attention(q, k, v, causal=causal, implementation="pallas")
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    one = NamedSharding(mesh, P())
+    args = [jax.ShapeDtypeStruct((b, seq_len, heads, h), jnp.bfloat16, sharding=one) for heads in (n, k, k)]
+    with jax.set_mesh(mesh):
+        compiled = _compile(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args))
+    _assert_mosaic(compiled)
+    analytic = 3.5 * 4 * b * n * seq_len * seq_len * h * (0.5 if causal else 1.0)
+    ratio = compiled.cost_analysis()["flops"] / analytic
+    print(f"{name} L={seq_len} causal={causal}: flops / analytic = {ratio:.4f}")  # shown with -s
+    assert 0.9 <= ratio <= 1.1, ratio
