@@ -80,6 +80,20 @@ class Rule:
         return np.concatenate([p.reshape(part_shape) for p in pieces], axis=-1)
 
 
+def layer_norm(hf: str, zoo: str, dim: int, stack: tuple = ()) -> list[Rule]:
+    """A LayerNorm: HF `<hf>.weight` / `<hf>.bias` <-> zoo `<zoo>/scale` / `<zoo>/bias`, [dim] each."""
+    return [Rule(hf + ".weight", (zoo + "/scale",), "copy", (dim,), stack),
+            Rule(hf + ".bias", (zoo + "/bias",), "copy", (dim,), stack)]
+
+
+def dense(hf: str, zoo: str, layout: str, hf_shape: tuple[int, int], stack: tuple = ()) -> list[Rule]:
+    """A biased dense layer: HF `<hf>.weight` (in `layout`: "linear" is torch's [out, in], "copy" a
+    Conv1D's [in, out]) <-> zoo `<zoo>/kernel`, and its bias [out] <-> `<zoo>/bias`."""
+    out = hf_shape[0] if layout == "linear" else hf_shape[-1]
+    return [Rule(hf + ".weight", (zoo + "/kernel",), layout, hf_shape, stack),
+            Rule(hf + ".bias", (zoo + "/bias",), "copy", (out,), stack)]
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """Everything needed to convert one HF architecture.

@@ -7,7 +7,7 @@ normalised to the class's own spelling, so either kind of checkpoint loads.
 
 from __future__ import annotations
 
-from zoo.hf.rules import ArchSpec, Rule, require, token_ids_from_hf, token_ids_to_hf
+from zoo.hf.rules import ArchSpec, Rule, dense, layer_norm, require, token_ids_from_hf, token_ids_to_hf
 from zoo.models.bert.config import BertConfig
 
 
@@ -60,40 +60,28 @@ def weights(cfg: BertConfig) -> list[Rule]:
         Rule(e + "position_embeddings.weight", ("position_embeddings/embedding",), "copy", (cfg.max_seq_len, d)),
         Rule(e + "token_type_embeddings.weight", ("token_type_embeddings/embedding",), "copy",
              (cfg.type_vocab_size, d)),
-        Rule(e + "LayerNorm.weight", ("embed_norm/scale",), "copy", (d,)),
-        Rule(e + "LayerNorm.bias", ("embed_norm/bias",), "copy", (d,)),
+        *layer_norm(e + "LayerNorm", "embed_norm", d),
     ]
     for hf_name, zoo_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-        rules += [Rule(x + f"attention.self.{hf_name}.weight", (f"layers/attn/{zoo_name}/kernel",), "linear",
-                       (n * h, d), L),
-                  Rule(x + f"attention.self.{hf_name}.bias", (f"layers/attn/{zoo_name}/bias",), "copy", (n * h,), L)]
+        rules += dense(x + f"attention.self.{hf_name}", f"layers/attn/{zoo_name}", "linear", (n * h, d), L)
     rules += [
-        Rule(x + "attention.output.dense.weight", ("layers/attn/o_proj/kernel",), "linear", (d, n * h), L),
-        Rule(x + "attention.output.dense.bias", ("layers/attn/o_proj/bias",), "copy", (d,), L),
-        Rule(x + "attention.output.LayerNorm.weight", ("layers/attn_norm/scale",), "copy", (d,), L),
-        Rule(x + "attention.output.LayerNorm.bias", ("layers/attn_norm/bias",), "copy", (d,), L),
-        Rule(x + "intermediate.dense.weight", ("layers/mlp/fc_in/kernel",), "linear", (f, d), L),
-        Rule(x + "intermediate.dense.bias", ("layers/mlp/fc_in/bias",), "copy", (f,), L),
-        Rule(x + "output.dense.weight", ("layers/mlp/fc_out/kernel",), "linear", (d, f), L),
-        Rule(x + "output.dense.bias", ("layers/mlp/fc_out/bias",), "copy", (d,), L),
-        Rule(x + "output.LayerNorm.weight", ("layers/mlp_norm/scale",), "copy", (d,), L),
-        Rule(x + "output.LayerNorm.bias", ("layers/mlp_norm/bias",), "copy", (d,), L),
+        *dense(x + "attention.output.dense", "layers/attn/o_proj", "linear", (d, n * h), L),
+        *layer_norm(x + "attention.output.LayerNorm", "layers/attn_norm", d, L),
+        *dense(x + "intermediate.dense", "layers/mlp/fc_in", "linear", (f, d), L),
+        *dense(x + "output.dense", "layers/mlp/fc_out", "linear", (d, f), L),
+        *layer_norm(x + "output.LayerNorm", "layers/mlp_norm", d, L),
     ]
     if cfg.architecture == "BertForMaskedLM":
         p = "cls.predictions."
         rules += [
-            Rule(p + "transform.dense.weight", ("mlm_dense/kernel",), "linear", (d, d)),
-            Rule(p + "transform.dense.bias", ("mlm_dense/bias",), "copy", (d,)),
-            Rule(p + "transform.LayerNorm.weight", ("mlm_norm/scale",), "copy", (d,)),
-            Rule(p + "transform.LayerNorm.bias", ("mlm_norm/bias",), "copy", (d,)),
+            *dense(p + "transform.dense", "mlm_dense", "linear", (d, d)),
+            *layer_norm(p + "transform.LayerNorm", "mlm_norm", d),
             Rule(p + "bias", ("mlm_bias",), "copy", (v,)),
         ]
     else:
-        rules += [Rule(b + "pooler.dense.weight", ("pooler/kernel",), "linear", (d, d)),
-                  Rule(b + "pooler.dense.bias", ("pooler/bias",), "copy", (d,))]
+        rules += dense(b + "pooler.dense", "pooler", "linear", (d, d))
     if cfg.architecture == "BertForSequenceClassification":
-        rules += [Rule("classifier.weight", ("classifier/kernel",), "linear", (cfg.num_labels, d)),
-                  Rule("classifier.bias", ("classifier/bias",), "copy", (cfg.num_labels,))]
+        rules += dense("classifier", "classifier", "linear", (cfg.num_labels, d))
     return rules
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zoo.hf.rules import ArchSpec, Rule, get, require, token_ids_from_hf, token_ids_to_hf
+from zoo.hf.rules import ArchSpec, Rule, dense, get, layer_norm, require, token_ids_from_hf, token_ids_to_hf
 from zoo.models.gpt2.config import GPT2Config
 
 ARCH = "GPT2LMHeadModel"
@@ -47,20 +47,14 @@ def weights(cfg: GPT2Config) -> list[Rule]:
     return [
         Rule("transformer.wte.weight", ("wte/embedding",), "copy", (v, d)),
         Rule("transformer.wpe.weight", ("wpe/embedding",), "copy", (p, d)),
-        Rule(h + "ln_1.weight", ("layers/attn_norm/scale",), "copy", (d,), L),
-        Rule(h + "ln_1.bias", ("layers/attn_norm/bias",), "copy", (d,), L),
+        *layer_norm(h + "ln_1", "layers/attn_norm", d, L),
         Rule(h + "attn.c_attn.weight", qkv("kernel"), "fused", (d, 3 * d), L),  # Conv1D: [in, out]
         Rule(h + "attn.c_attn.bias", qkv("bias"), "fused", (3 * d,), L),
-        Rule(h + "attn.c_proj.weight", ("layers/attn/o_proj/kernel",), "copy", (d, d), L),
-        Rule(h + "attn.c_proj.bias", ("layers/attn/o_proj/bias",), "copy", (d,), L),
-        Rule(h + "ln_2.weight", ("layers/mlp_norm/scale",), "copy", (d,), L),
-        Rule(h + "ln_2.bias", ("layers/mlp_norm/bias",), "copy", (d,), L),
-        Rule(h + "mlp.c_fc.weight", ("layers/mlp/fc_in/kernel",), "copy", (d, f), L),
-        Rule(h + "mlp.c_fc.bias", ("layers/mlp/fc_in/bias",), "copy", (f,), L),
-        Rule(h + "mlp.c_proj.weight", ("layers/mlp/fc_out/kernel",), "copy", (f, d), L),
-        Rule(h + "mlp.c_proj.bias", ("layers/mlp/fc_out/bias",), "copy", (d,), L),
-        Rule("transformer.ln_f.weight", ("ln_f/scale",), "copy", (d,)),
-        Rule("transformer.ln_f.bias", ("ln_f/bias",), "copy", (d,)),
+        *dense(h + "attn.c_proj", "layers/attn/o_proj", "copy", (d, d), L),
+        *layer_norm(h + "ln_2", "layers/mlp_norm", d, L),
+        *dense(h + "mlp.c_fc", "layers/mlp/fc_in", "copy", (d, f), L),
+        *dense(h + "mlp.c_proj", "layers/mlp/fc_out", "copy", (f, d), L),
+        *layer_norm("transformer.ln_f", "ln_f", d),
     ]
 
 
