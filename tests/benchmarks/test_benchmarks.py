@@ -6,11 +6,19 @@ The planner test compiles a real-size preset (llama3.2-1b) for a TPU topology.""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import shutil
+import subprocess
+from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import kernels
 import train
 import zoo
 from benchmarks import attention, plan, throughput
@@ -24,26 +32,100 @@ def _load(path):
 
 
 def test_attention_small_mode(tmp_path):
-    payload = attention.main(["--seq-lens", "64", "--head-dims", "32", "--heads", "2", "--modes", "fwd", "fwd+bwd",
-                              "--causal", "true", "--impls", "xla", "pallas", "jax_pallas", "--warmup", "0",
-                              "--repeats", "1", "--out", str(tmp_path), "--name", "attn"])
+    payload = attention.main(["--shapes", "1x64x2x32", "--mode", "fwd", "fwd+bwd", "--causal", "both",
+                              "--warmup", "0", "--repeats", "1", "--out", str(tmp_path), "--name", "attn"])
     data = _load(tmp_path / "attn.json")
     assert data["rows"] == json.loads(json.dumps(payload["rows"]))
-    assert (tmp_path / "attn.png").stat().st_size > 0 and (tmp_path / "attn.md").stat().st_size > 0
-    assert data["matmul_peak_tflops"] > 0
+    assert (tmp_path / "attn.png").stat().st_size > 0
+    md = (tmp_path / "attn.md").read_text()
+    assert data["matmul_peak_tflops"] > 0 and data["peak_tflops"] is None  # CPU: no datasheet peak
+    assert data["device"]["platform"] == "cpu" and data["device"]["jax_version"] and data["device"]["date"]
+    # every implementation, ours and every peer, has a row for every (causal, mode): a figure or a reason
+    configs = {(c, m) for c in (False, True) for m in ("fwd", "fwd+bwd")}
+    for impl in attention.IMPLEMENTATIONS:
+        mine = [r for r in data["rows"] if r["impl"] == impl]
+        assert {(r["causal"], r["mode"]) for r in mine} == configs, impl
+        for r in mine:
+            assert r["status"] == "ok" or (r["status"] == "n/a" and r["reason"]), r
+        assert impl in md
+    status = {r["impl"]: r["status"] for r in data["rows"]}
+    assert {i for i, s in status.items() if s == "ok"} == {"pallas", "xla", "jax_nn_xla"}
+    # peers that cannot run on CPU say why (a platform, or tokamax not installed), never a figure
+    for impl in ("cudnn", "splash", "mgpu", "jax_pallas", "pallas_triton", *attention.TOKAMAX):
+        assert status[impl] == "n/a"
+        assert f"n/a: {next(r['reason'] for r in data['rows'] if r['impl'] == impl)}" in md
+    # FlashAttention's convention by hand for B=1, T=S=64, N=2, H=32: 4*B*N*T*S*H = 1,048,576 forward,
+    # causal counts half, fwd+bwd = fwd + 2.5x fwd
+    hand = {(False, "fwd"): 1_048_576, (True, "fwd"): 524_288, (False, "fwd+bwd"): 3_670_016,
+            (True, "fwd+bwd"): 1_835_008}
+    for (causal, mode), flops in hand.items():
+        assert attention.attention_flops(1, 64, 64, 2, 32, causal, mode) == flops
     ok = [r for r in data["rows"] if r["status"] == "ok"]
-    assert {(r["impl"], r["mode"]) for r in ok} == {(i, m) for i in ("xla", "pallas") for m in ("fwd", "fwd+bwd")}
+    assert len(ok) == 3 * 4
     for r in ok:
-        # the documented convention: 4*B*T*S*N*H, halved when causal, x3.5 for fwd+bwd
-        flops = 4 * 1 * 64 * 64 * 2 * 32 * 0.5 * (3.5 if r["mode"] == "fwd+bwd" else 1.0)
-        assert attention.attention_flops(1, 64, 64, 2, 32, True, r["mode"]) == flops
+        assert r["flops"] == hand[(r["causal"], r["mode"])]
         assert r["time_ms"] > 0
-        assert r["tflops"] == pytest.approx(flops / (r["time_ms"] / 1e3) / 1e12, rel=1e-6)
-        assert r["pct_peak"] == pytest.approx(100 * r["tflops"] / data["matmul_peak_tflops"], rel=1e-6)
+        assert r["tflops"] == pytest.approx(r["flops"] / (r["time_ms"] / 1e3) / 1e12, rel=1e-9)
+        assert r["pct_peak"] is None
+        assert r["pct_matmul"] == pytest.approx(100 * r["tflops"] / data["matmul_peak_tflops"], rel=1e-9)
         assert r["interpret"] == (r["impl"] == "pallas")  # CPU: our kernel runs interpreted, and says so
-    # JAX ships no CPU Pallas attention: recorded as n/a with the reason, not faked
-    assert all(r["status"] == "n/a" and r["reason"] for r in data["rows"] if r["impl"] == "jax_pallas")
-    assert "pallas (interpret)" in (tmp_path / "attn.md").read_text()
+    assert "pallas (interpret)" in md
+
+
+def test_attention_shapes_and_peaks():
+    assert attention.parse_shape("2x8192x16x128") == (2, 8192, 16, 128, 16)
+    assert attention.parse_shape("32x4096x32x128x8") == (32, 4096, 32, 128, 8)
+    for bad in ("2x8192x16", "2x8192x16x128x3", "2x0x16x128", "axbxcxd"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            attention.parse_shape(bad)
+    assert attention.device_peak_tflops("NVIDIA H100 80GB HBM3")[0] == 989
+    assert attention.device_peak_tflops("NVIDIA H200")[0] == 989
+    assert attention.device_peak_tflops("NVIDIA A100-SXM4-80GB")[0] == 312
+    assert attention.device_peak_tflops("TPU v5 lite")[0] == 197
+    assert attention.device_peak_tflops("TPU v5p")[0] == 459
+    assert attention.device_peak_tflops("TPU v6 lite")[0] == 918
+    assert attention.device_peak_tflops("cpu")[0] is None
+    # which peers a GPU would run, decided before any call
+    assert attention.unavailable("cudnn", "gpu", jnp.bfloat16, (9, 0)) is None
+    assert attention.unavailable("pallas_triton", "gpu", jnp.bfloat16, (8, 0)) is None
+    assert "TPU" in attention.unavailable("splash", "gpu", jnp.bfloat16, (9, 0))
+    if attention.mgpu is not None:
+        assert attention.unavailable("mgpu", "gpu", jnp.bfloat16, (9, 0)) is None
+        assert "sm80" in attention.unavailable("mgpu", "gpu", jnp.bfloat16, (8, 0))
+        assert "bf16/fp16 only" in attention.unavailable("mgpu", "gpu", jnp.float32, (9, 0))
+
+
+@pytest.mark.skipif(attention.splash is None, reason="this jax has no splash attention")
+def test_attention_splash_peer_matches_reference_in_interpret_mode():
+    # the TPU-only peer's wrapper (layout, scale, GQA, causal mask), checked on CPU in interpret mode
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (1, 256, 4, 128))
+    k, v = (jax.random.normal(x, (1, 256, 2, 128)) for x in (kk, kv))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * jnp.arange(128.0))
+
+    ours = jax.value_and_grad(loss(lambda *a: attention._splash(*a, True, interpret=True)), argnums=(0, 1, 2))
+    ref = jax.value_and_grad(loss(lambda *a: kernels.reference_attention(*a, causal=True)), argnums=(0, 1, 2))
+    (val, grads), (ref_val, ref_grads) = ours(q, k, v), ref(q, k, v)
+    assert val == pytest.approx(float(ref_val), rel=1e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+GPU_SUITE = Path(attention.__file__).with_name("gpu_suite.sh")
+
+
+def test_gpu_suite_parses_and_refuses_without_gpu(tmp_path):
+    bash = shutil.which("bash")
+    assert subprocess.run([bash, "-n", str(GPU_SUITE)], capture_output=True).returncode == 0
+    results = sorted(p.name for p in GPU_SUITE.with_name("results").iterdir())
+    # a PATH without nvidia-smi (an empty folder): one line on stderr, exit 2, nothing written
+    run = subprocess.run([bash, str(GPU_SUITE)], env={"PATH": str(tmp_path)}, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 2 and run.stdout == ""
+    assert len(run.stderr.strip().splitlines()) == 1 and "no NVIDIA GPU" in run.stderr
+    assert sorted(p.name for p in GPU_SUITE.with_name("results").iterdir()) == results
 
 
 def test_throughput_small_mode(tmp_path):
