@@ -4,11 +4,16 @@ Forward: online softmax over kv blocks with float32 VMEM accumulators (m, l, acc
 saving the logsumexp per query row; each kv tile (one DMA) is computed in
 sub-blocks of `block_kv_compute` keys. Logits are base 2: scale * log2(e) is
 folded into q once per q block (float32 inputs; for bf16 it multiplies the
-float32 logits, see `_folds_scale`), exp2 replaces exp, and the saved logsumexp,
-which only the backward reads, is base 2. Backward: one kernel for dq (loop over kv
-blocks) and one for dk/dv (loop over the G query heads of a kv head and over q
-blocks), under `jax.custom_vjp`. Semantics are those of
-`kernels.reference_attention`; inputs arrive validated (`kernels.base.validate`).
+float32 logits, see `tiles.folds_scale`), exp2 replaces exp, and the saved
+logsumexp, which only the backward reads, is base 2. Backward: one kernel for dq
+(loop over kv blocks) and one for dk/dv (loop over the G query heads of a kv head
+and over q blocks), under `jax.custom_vjp`. GQA head stacking (`BlockSizes.stack_gqa`): a
+forward or dq grid step takes the G query heads of one kv head as a [G, block_q, H]
+block, flattened to one [G * block_q, H] operand (row r is query position
+q_start + r % block_q of head r // block_q), so K/V tiles are fetched once per
+group and every matmul is G times taller; unstacked, a step takes one head.
+Semantics are those of `kernels.reference_attention`; inputs arrive validated
+(`kernels.base.validate`).
 
 Layout: the wrapper transposes to [B, N, T, H] so every block's last two dims
 are (rows, head_dim), pads T and S to the block multiple (padded keys are
@@ -25,8 +30,9 @@ segment boundary evaluate the mask (iota, compares, selects):
 `base.tile_needs_mask` decides from the tile's coordinates and its per-block
 min/max segment ids, also scalar-prefetched. Block sizes and the VMEM limit come
 from `kernels.tpu_tuning` (per TPU generation and head dim), which also writes
-each call's `pl.CostEstimate`. The dk/dv kernel works on transposed [kv, q] tiles
-so its matmuls need no transposes. Nothing of size [T, S] is ever materialised.
+each call's `pl.CostEstimate`; the in-kernel helpers live in `kernels.tpu_tiles`.
+The dk/dv kernel works on transposed [kv, q] tiles so its matmuls need no
+transposes. Nothing of size [T, S] is ever materialised.
 
 Letter legend: B batch, T q length, S kv length, N q heads, K kv heads,
 G = N // K q heads per kv head, H head dim.
@@ -43,6 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import base, tpu_grid, tpu_tuning
+from kernels import tpu_tiles as tiles
 from kernels.base import Config
 from kernels.tpu_tuning import BlockSizes
 
@@ -68,8 +75,10 @@ def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
       [B, T, N, H] in q's dtype; rows with nothing to attend to are zeros.
     """
     B, T, _, H = q.shape
+    G = q.shape[2] // k.shape[2]
     blocks = block_sizes or BlockSizes.for_platform(
-        "cpu" if interpret else "tpu", None if interpret else tpu_tuning.device_generation(), H, q.dtype)
+        "cpu" if interpret else "tpu", None if interpret else tpu_tuning.device_generation(), H, q.dtype, G)
+    blocks = blocks.resolved(G, H, q.dtype, interpret)
     cfg, T_pad, S_pad = base.configure(options, q.shape, k.shape, has_segment_ids=q_ids is not None,
                                        blocks=blocks, interpret=interpret)
     # Zero head-dim padding leaves q.k unchanged and adds zero output columns.
@@ -89,96 +98,6 @@ def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
     return jnp.swapaxes(out_BNTH[:, :, :T, :H], 1, 2)
 
 
-def _column(ref):
-    """[rows, 1] from a [rows, 128] lane-broadcast ref."""
-    return jnp.max(ref[...], axis=1, keepdims=True)
-
-
-def _diagonal(n):
-    return (lax.broadcasted_iota(jnp.int32, (n, n), 0)
-            == lax.broadcasted_iota(jnp.int32, (n, n), 1))
-
-
-def _row_to_column(row):
-    """[1, n] -> [n, 1] without a vector transpose (select on the diagonal and reduce);
-    used once per block, so its O(n^2) VPU work is small next to the matmuls."""
-    n = row.shape[1]
-    return jnp.sum(jnp.where(_diagonal(n), row, jnp.zeros((), row.dtype)), axis=1, keepdims=True)
-
-
-def _column_to_row(col):
-    """[n, 1] -> [1, n]; see `_row_to_column`."""
-    n = col.shape[0]
-    return jnp.sum(jnp.where(_diagonal(n), col, jnp.zeros((), col.dtype)), axis=0, keepdims=True)
-
-
-def _folds_scale(dtype) -> bool:
-    """Whether scale * log2(e) is folded into q (rounded to q's dtype) rather than multiplied
-    into the float32 logits: for float32 q only. Rounding a scaled bf16 q adds an error of
-    2**-9 of every logit, which the bf16 bounds of the conformance suite do not absorb."""
-    return jnp.dtype(dtype) == jnp.float32
-
-
-def _scaled_q(q_ref, q_scaled):
-    """The q operand of the base-2 logits: the folded copy (`_scale_q`) or q itself."""
-    return q_scaled[...] if _folds_scale(q_ref.dtype) else q_ref[...]
-
-
-def _scale_q(cfg: Config, q_scaled, q_ref):
-    """q_scaled = q * scale * log2(e), once per q block, when the scale is folded into q."""
-    if _folds_scale(q_ref.dtype):
-        q_scaled[...] = (q_ref[...].astype(jnp.float32) * base.q_scale2(cfg)).astype(q_scaled.dtype)
-
-
-def _q_scratch(bq, H, dtype):
-    """VMEM for the folded q (a dummy 8x128 tile when the scale is not folded)."""
-    return pltpu.VMEM((bq, H) if _folds_scale(dtype) else (_SUBLANES, _LANES), dtype)
-
-
-def _zero(*refs):
-    for ref in refs:
-        ref[...] = jnp.zeros(ref.shape, ref.dtype)
-
-
-def _fill_lanes(ref, col):
-    ref[...] = jnp.broadcast_to(col, ref.shape)
-
-
-def _prefetched(cfg: Config, refs, n_lists: int):
-    """(the tile lists, the 4 segment-range refs or None, the other refs) of a kernel's refs."""
-    lists, refs = refs[:n_lists], refs[n_lists:]
-    return (lists, refs[:4], refs[4:]) if cfg.has_segment_ids else (lists, None, refs)
-
-
-def _entry(cfg: Config, steps: int, b, s):
-    """List index of grid step s of batch row b: lists are per row only with segment ids."""
-    return b * steps + s if cfg.has_segment_ids else s
-
-
-def _tile_ranges(ranges, qi, num_q: int, kj, num_kv: int):
-    """(q_min, q_max, kv_min, kv_max) segment ids of tile (qi, kj) of batch row
-    program_id(0), read from the SMEM block ranges; None without segment ids."""
-    if ranges is None:
-        return None
-    b = pl.program_id(0)
-    q_min, q_max, kv_min, kv_max = ranges
-    return (q_min[b * num_q + qi], q_max[b * num_q + qi], kv_min[b * num_kv + kj], kv_max[b * num_kv + kj])
-
-
-def _segment_ranges(ids, block_q: int, block_kv: int):
-    """Scalar-prefetch operands for the mask split: per-block (min, max) q and kv ids, or ()."""
-    if not ids:
-        return ()
-    return (*base.block_id_ranges(ids[0][:, 0, :], block_q), *base.block_id_ranges(ids[1][:, 0, :], block_kv))
-
-
-def _list_ranges(ids, block_q: int, block_kv: int):
-    """Per-block document ranges of q and kv ids for the tile lists, or None."""
-    if not ids:
-        return None
-    return tpu_grid.block_ranges(ids[0][:, 0, :], block_q), tpu_grid.block_ranges(ids[1][:, 0, :], block_kv)
-
-
 # ----------------------------------------------------------------------------
 # Kernels. Row statistics (lse, delta) and segment ids arrive as rows of
 # sublane-broadcast [8, block] tiles; the kernels that need them as columns
@@ -186,23 +105,23 @@ def _list_ranges(ids, block_q: int, block_kv: int):
 
 
 def _fwd_kernel(*refs, cfg: Config, steps: int, num_q: int, num_kv: int):
-    (q_list, kv_list, flags), ranges, refs = _prefetched(cfg, refs, 3)
+    (q_list, kv_list, flags), ranges, refs = tiles.prefetched(cfg, refs, 3)
     if cfg.has_segment_ids:
         (q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, m_ref, l_ref,
          acc_ref, q_scaled, q_ids_col) = refs
     else:
         q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, q_scaled = refs
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_kv
-    e = _entry(cfg, steps, pl.program_id(0), pl.program_id(2))
+    e = tiles.entry(cfg, steps, pl.program_id(0), pl.program_id(2))
     qi, ki, flag = q_list[e], kv_list[e], flags[e]
 
     @pl.when(tpu_grid.flag(flag, tpu_grid.FIRST))
     def _init():
         m_ref[...] = jnp.full(m_ref.shape, base.MASK_VALUE, jnp.float32)
-        _zero(l_ref, acc_ref)
-        _scale_q(cfg, q_scaled, q_ref)
+        tiles.zero(l_ref, acc_ref)
+        tiles.scale_q(cfg, q_scaled, q_ref)
         if cfg.has_segment_ids:
-            _fill_lanes(q_ids_col, _row_to_column(q_ids_ref[:1, :]))
+            tiles.fill_heads(q_ids_col, tiles.row_to_column(q_ids_ref[:1, :]))
 
     # The kv tile is fetched whole and computed in sub-blocks of block_kv_compute keys,
     # each skipped when the causal/window band leaves it empty; only sub-blocks that
@@ -214,41 +133,42 @@ def _fwd_kernel(*refs, cfg: Config, steps: int, num_q: int, num_kv: int):
 
         def step(masked, c=c, j=j):
             keys = pl.ds(c * bc, bc)
-            s, _ = base.logits2(cfg, _scaled_q(q_ref, q_scaled), k_ref[keys, :],
-                                prescaled=_folds_scale(q_ref.dtype))  # base 2
+            s, _ = base.logits2(cfg, tiles.scaled_q(q_ref, q_scaled), k_ref[keys, :],
+                                prescaled=tiles.folds_scale(q_ref.dtype))  # base 2
             keep = None
             if masked:
-                ids = (_column(q_ids_col), kv_ids_ref[:1, keys]) if cfg.has_segment_ids else ()
-                keep = base.tile_keep_mask(cfg, qi * bq, j * bc, bq, bc, *ids)
+                ids = (tiles.column(q_ids_col), kv_ids_ref[:1, keys]) if cfg.has_segment_ids else ()
+                keep = tiles.keep_mask(cfg, qi * bq, j * bc, bq, bc, *ids)
             if keep is not None:
                 s = jnp.where(keep, s, base.MASK_VALUE)
-            m_prev = _column(m_ref)
+            m_prev = tiles.column(m_ref)
             m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
             p = jnp.exp2(s - m_next)
             if keep is not None:
                 p = jnp.where(keep, p, 0.0)  # rows with no key so far keep l == 0
             alpha = jnp.exp2(m_prev - m_next)
-            l_next = alpha * _column(l_ref) + jnp.sum(p, axis=1, keepdims=True)
+            l_next = alpha * tiles.column(l_ref) + jnp.sum(p, axis=1, keepdims=True)
             v = v_ref[keys, :]
             acc_ref[...] = alpha * acc_ref[...] + base.matmul(p.astype(v.dtype), v)
-            _fill_lanes(m_ref, m_next)
-            _fill_lanes(l_ref, l_next)
+            tiles.fill_lanes(m_ref, m_next)
+            tiles.fill_lanes(l_ref, l_next)
 
-        seg = _tile_ranges(ranges, qi, num_q, j, num_kv * (bk // bc))
+        seg = tiles.tile_ranges(ranges, qi, num_q, j, num_kv * (bk // bc))
         visited = tpu_grid.flag(flag, tpu_grid.VALID) & (j >= lo) & (j <= hi)
         tpu_grid.visit(visited, base.tile_needs_mask(cfg, qi * bq, j * bc, bq, bc, seg), step)
 
     @pl.when(tpu_grid.flag(flag, tpu_grid.LAST))
     def _finish():
-        l = _column(l_ref)
+        l = tiles.column(l_ref)
         empty = l == 0.0
-        o_ref[...] = (acc_ref[...] / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
-        lse = jnp.where(empty, 0.0, _column(m_ref) + jnp.log2(jnp.where(empty, 1.0, l)))  # base 2
-        _fill_lanes(lse_ref, _column_to_row(lse))
+        o_ref[...] = (acc_ref[...] / jnp.where(empty, 1.0, l)).astype(o_ref.dtype).reshape(o_ref.shape)
+        lse = jnp.where(empty, 0.0, tiles.column(m_ref) + jnp.log2(jnp.where(empty, 1.0, l)))  # base 2
+        for h in range(lse_ref.shape[0]):
+            lse_ref[h] = jnp.broadcast_to(tiles.column_to_row(lse[h * bq:(h + 1) * bq]), lse_ref.shape[1:])
 
 
 def _dq_kernel(*refs, cfg: Config, steps: int, num_q: int, num_kv: int):
-    (q_list, kv_list, flags), ranges, refs = _prefetched(cfg, refs, 3)
+    (q_list, kv_list, flags), ranges, refs = tiles.prefetched(cfg, refs, 3)
     if cfg.has_segment_ids:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref,
          dq_ref, dq_acc, lse_col, delta_col, q_scaled, q_ids_col) = refs
@@ -256,42 +176,42 @@ def _dq_kernel(*refs, cfg: Config, steps: int, num_q: int, num_kv: int):
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc, lse_col,
          delta_col, q_scaled) = refs
     bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_kv_dq
-    e = _entry(cfg, steps, pl.program_id(0), pl.program_id(2))
+    e = tiles.entry(cfg, steps, pl.program_id(0), pl.program_id(2))
     qi, ki, flag = q_list[e], kv_list[e], flags[e]
 
     @pl.when(tpu_grid.flag(flag, tpu_grid.FIRST))
     def _init():
-        _zero(dq_acc)
-        _scale_q(cfg, q_scaled, q_ref)
-        _fill_lanes(lse_col, _row_to_column(lse_ref[:1, :]))
-        _fill_lanes(delta_col, _row_to_column(delta_ref[:1, :]))
+        tiles.zero(dq_acc)
+        tiles.scale_q(cfg, q_scaled, q_ref)
+        tiles.columns_from_rows(lse_col, lse_ref)
+        tiles.columns_from_rows(delta_col, delta_ref)
         if cfg.has_segment_ids:
-            _fill_lanes(q_ids_col, _row_to_column(q_ids_ref[:1, :]))
+            tiles.fill_heads(q_ids_col, tiles.row_to_column(q_ids_ref[:1, :]))
 
     def step(masked):
         k = k_ref[...]
         keep = None
         if masked:
-            ids = (_column(q_ids_col), kv_ids_ref[:1, :]) if cfg.has_segment_ids else ()
-            keep = base.tile_keep_mask(cfg, qi * bq, ki * bk, bq, bk, *ids)
-        _, ds = base.probs_and_dlogits2(cfg, _scaled_q(q_ref, q_scaled), k, do_ref[...], v_ref[...],
-                                        _column(lse_col), _column(delta_col), keep,
-                                        prescaled=_folds_scale(q_ref.dtype))
+            ids = (tiles.column(q_ids_col), kv_ids_ref[:1, :]) if cfg.has_segment_ids else ()
+            keep = tiles.keep_mask(cfg, qi * bq, ki * bk, bq, bk, *ids)
+        _, ds = base.probs_and_dlogits2(cfg, tiles.scaled_q(q_ref, q_scaled), k, tiles.flat(do_ref), v_ref[...],
+                                        tiles.column(lse_col), tiles.column(delta_col), keep,
+                                        prescaled=tiles.folds_scale(q_ref.dtype))
         dq_acc[...] += base.matmul(ds.astype(k.dtype), k)
 
-    seg = _tile_ranges(ranges, qi, num_q, ki, num_kv)
+    seg = tiles.tile_ranges(ranges, qi, num_q, ki, num_kv)
     tpu_grid.visit(tpu_grid.flag(flag, tpu_grid.VALID), base.tile_needs_mask(cfg, qi * bq, ki * bk, bq, bk, seg),
                    step)
 
     @pl.when(tpu_grid.flag(flag, tpu_grid.LAST))
     def _finish():
-        dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
+        dq_ref[...] = dq_acc[...].astype(dq_ref.dtype).reshape(dq_ref.shape)
 
 
 def _dkv_kernel(*refs, cfg: Config, steps: int, num_q: int, num_kv: int):
     # Works on transposed tiles [block_kv, block_q] (keys on sublanes), so that
     # dv = p.T @ do and dk = ds.T @ q are plain matmuls and lse/delta are rows.
-    (kv_list, _, q_list, flags), ranges, refs = _prefetched(cfg, refs, 4)
+    (kv_list, _, q_list, flags), ranges, refs = tiles.prefetched(cfg, refs, 4)
     if cfg.has_segment_ids:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref,
          dk_ref, dv_ref, dk_acc, dv_acc, kv_ids_col) = refs
@@ -299,29 +219,29 @@ def _dkv_kernel(*refs, cfg: Config, steps: int, num_q: int, num_kv: int):
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc,
          dv_acc) = refs
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_kv_dkv
-    e = _entry(cfg, steps, pl.program_id(0), pl.program_id(2))
+    e = tiles.entry(cfg, steps, pl.program_id(0), pl.program_id(2))
     ki, qi, flag = kv_list[e], q_list[e], flags[e]
 
     @pl.when(tpu_grid.flag(flag, tpu_grid.FIRST))
     def _init():
-        _zero(dk_acc, dv_acc)
+        tiles.zero(dk_acc, dv_acc)
         if cfg.has_segment_ids:
-            _fill_lanes(kv_ids_col, _row_to_column(kv_ids_ref[:1, :]))
+            tiles.fill_lanes(kv_ids_col, tiles.row_to_column(kv_ids_ref[:1, :]))
 
     def step(masked):
         q, do = q_ref[...], do_ref[...]
         keep = None
         if masked:
-            ids = (q_ids_ref[:1, :], _column(kv_ids_col)) if cfg.has_segment_ids else (None, None)
+            ids = (q_ids_ref[:1, :], tiles.column(kv_ids_col)) if cfg.has_segment_ids else (None, None)
             keep = base.tile_keep_mask(cfg, qi * bq, ki * bk, bq, bk, *ids, transposed=True)
-        fold = _folds_scale(q.dtype)
+        fold = tiles.folds_scale(q.dtype)
         q_scaled = (q * base.q_scale2(cfg)).astype(q.dtype) if fold else q
         pt, dst = base.probs_and_dlogits2(cfg, k_ref[...], q_scaled, v_ref[...], do,
                                           lse_ref[:1, :], delta_ref[:1, :], keep, prescaled=fold)
         dv_acc[...] += base.matmul(pt.astype(do.dtype), do)
         dk_acc[...] += base.matmul(dst.astype(q.dtype), q)
 
-    seg = _tile_ranges(ranges, qi, num_q, ki, num_kv)
+    seg = tiles.tile_ranges(ranges, qi, num_q, ki, num_kv)
     tpu_grid.visit(tpu_grid.flag(flag, tpu_grid.VALID), base.tile_needs_mask(cfg, qi * bq, ki * bk, bq, bk, seg),
                    step)
 
@@ -354,6 +274,11 @@ def _row_spec(block_rows, width, index_map):
     return pl.BlockSpec((_SQUEEZED, _SQUEEZED, block_rows, width), index_map)
 
 
+def _heads_spec(heads, block_rows, width, index_map):
+    """Spec of a [B, N, L, width] array tiled by `heads` heads and rows."""
+    return pl.BlockSpec((_SQUEEZED, heads, block_rows, width), index_map)
+
+
 def _stat_spec(block, index_map):
     """Spec of a [B, N, 8, L] sublane-broadcast row statistic (lse, delta)."""
     return pl.BlockSpec((_SQUEEZED, _SQUEEZED, _SUBLANES, block), index_map)
@@ -376,34 +301,39 @@ def _lanes(rows, dtype=jnp.float32):
 
 
 def _q_major_specs(cfg: Config, steps, bq, bk, H, *, stats):
-    """In specs of the forward and dq calls (grid b, n, list step; the tile lists
-    (q block, kv block, flags) scalar-prefetched) and the q and statistics maps."""
-    entry = functools.partial(_entry, cfg, steps)
+    """In specs of the forward and dq calls (grid b, head step n, list step; the tile lists
+    (q block, kv block, flags) scalar-prefetched) and the q and statistics specs. Head step
+    n takes `heads` query heads (block n of the head axis) of kv head n // (G / heads)."""
+    entry = functools.partial(tiles.entry, cfg, steps)
+    heads = tiles.heads_per_step(cfg)
     q_map = lambda b, n, s, ql, kl, *_: (b, n, ql[entry(b, s)], 0)
-    kv_map = lambda b, n, s, ql, kl, *_: (b, lax.div(n, cfg.groups), kl[entry(b, s)], 0)
+    kv_map = lambda b, n, s, ql, kl, *_: (b, lax.div(n, cfg.groups // heads), kl[entry(b, s)], 0)
     stat_map = lambda b, n, s, ql, kl, *_: (b, n, 0, ql[entry(b, s)])
-    in_specs = [_row_spec(bq, H, q_map), _row_spec(bk, H, kv_map), _row_spec(bk, H, kv_map)]
+    q_spec = _heads_spec(heads, bq, H, q_map)
+    stat_spec = _heads_spec(heads, _SUBLANES, bq, stat_map)
+    in_specs = [q_spec, _row_spec(bk, H, kv_map), _row_spec(bk, H, kv_map)]
     if stats:  # do, lse, delta
-        in_specs += [_row_spec(bq, H, q_map), _stat_spec(bq, stat_map), _stat_spec(bq, stat_map)]
+        in_specs += [q_spec, stat_spec, stat_spec]
     if cfg.has_segment_ids:
         in_specs += [_ids_spec(bq, lambda b, n, s, ql, kl, *_: (b, 0, ql[entry(b, s)])),
                      _ids_spec(bk, lambda b, n, s, ql, kl, *_: (b, 0, kl[entry(b, s)]))]
-    return in_specs, q_map, stat_map
+    return in_specs, q_spec, stat_spec
 
 
 def _fwd_call(cfg: Config, cost, q, k, v, *ids):
     B, N, T, H = q.shape
     S = k.shape[2]
     bq, bk, bc = cfg.blocks.block_q, cfg.blocks.block_kv, cfg.blocks.kv_compute
-    *lists, steps = tpu_grid.q_major_lists(cfg, bq, bk, T // bq, S // bk, _list_ranges(ids, bq, bk))
-    prefetch = (*lists, *_segment_ranges(ids, bq, bc))
-    in_specs, q_map, stat_map = _q_major_specs(cfg, steps, bq, bk, H, stats=False)
-    scratch = [_lanes(bq), _lanes(bq), pltpu.VMEM((bq, H), jnp.float32), _q_scratch(bq, H, q.dtype)]
+    *lists, steps = tpu_grid.q_major_lists(cfg, bq, bk, T // bq, S // bk, tiles.list_ranges(ids, bq, bk))
+    prefetch = (*lists, *tiles.segment_ranges(ids, bq, bc))
+    in_specs, q_spec, stat_spec = _q_major_specs(cfg, steps, bq, bk, H, stats=False)
+    rows = tiles.heads_per_step(cfg) * bq
+    scratch = [_lanes(rows), _lanes(rows), pltpu.VMEM((rows, H), jnp.float32), tiles.q_scratch(rows, H, q.dtype)]
     if ids:
-        scratch.append(_lanes(bq, jnp.int32))
+        scratch.append(_lanes(rows, jnp.int32))
     return _pallas_call(
-        _fwd_kernel, cfg, grid=(B, N, steps), in_specs=in_specs,
-        out_specs=[_row_spec(bq, H, q_map), _stat_spec(bq, stat_map)],
+        _fwd_kernel, cfg, grid=(B, N // tiles.heads_per_step(cfg), steps), in_specs=in_specs,
+        out_specs=[q_spec, stat_spec],
         out_shape=[_out_like(q.shape, q.dtype, q),
                    _out_like((B, N, _SUBLANES, T), jnp.float32, q)],
         scratch_shapes=scratch, num_prefetch=len(prefetch),
@@ -415,15 +345,16 @@ def _dq_call(cfg: Config, cost, q, k, v, do, lse, delta, *ids):
     B, N, T, H = q.shape
     S = k.shape[2]
     bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_kv_dq
-    *lists, steps = tpu_grid.q_major_lists(cfg, bq, bk, T // bq, S // bk, _list_ranges(ids, bq, bk))
-    prefetch = (*lists, *_segment_ranges(ids, bq, bk))
-    in_specs, q_map, _ = _q_major_specs(cfg, steps, bq, bk, H, stats=True)
-    scratch = [pltpu.VMEM((bq, H), jnp.float32), _lanes(bq), _lanes(bq), _q_scratch(bq, H, q.dtype)]
+    *lists, steps = tpu_grid.q_major_lists(cfg, bq, bk, T // bq, S // bk, tiles.list_ranges(ids, bq, bk))
+    prefetch = (*lists, *tiles.segment_ranges(ids, bq, bk))
+    in_specs, q_spec, _ = _q_major_specs(cfg, steps, bq, bk, H, stats=True)
+    rows = tiles.heads_per_step(cfg) * bq
+    scratch = [pltpu.VMEM((rows, H), jnp.float32), _lanes(rows), _lanes(rows), tiles.q_scratch(rows, H, q.dtype)]
     if ids:
-        scratch.append(_lanes(bq, jnp.int32))
+        scratch.append(_lanes(rows, jnp.int32))
     return _pallas_call(
-        _dq_kernel, cfg, grid=(B, N, steps), in_specs=in_specs,
-        out_specs=_row_spec(bq, H, q_map),
+        _dq_kernel, cfg, grid=(B, N // tiles.heads_per_step(cfg), steps), in_specs=in_specs,
+        out_specs=q_spec,
         out_shape=_out_like(q.shape, q.dtype, q), scratch_shapes=scratch, num_prefetch=len(prefetch),
         semantics=("parallel", "parallel", "arbitrary"), name="flash_dq", cost=cost,
         steps=steps, num_q=T // bq, num_kv=S // bk)(*prefetch, q, k, v, do, lse, delta, *ids)
@@ -434,9 +365,9 @@ def _dkv_call(cfg: Config, cost, q, k, v, do, lse, delta, *ids):
     K, S = k.shape[1], k.shape[2]
     G = cfg.groups
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_kv_dkv
-    *lists, steps = tpu_grid.kv_major_lists(cfg, bq, bk, T // bq, S // bk, G, _list_ranges(ids, bq, bk))
-    prefetch = (*lists, *_segment_ranges(ids, bq, bk))
-    entry = functools.partial(_entry, cfg, steps)
+    *lists, steps = tpu_grid.kv_major_lists(cfg, bq, bk, T // bq, S // bk, G, tiles.list_ranges(ids, bq, bk))
+    prefetch = (*lists, *tiles.segment_ranges(ids, bq, bk))
+    entry = functools.partial(tiles.entry, cfg, steps)
     # Grid (b, kv head h, list step); list entries (kv block, head g of the group, q block).
     q_map = lambda b, h, s, kl, gl, ql, *_: (b, h * G + gl[entry(b, s)], ql[entry(b, s)], 0)
     kv_map = lambda b, h, s, kl, *_: (b, h, kl[entry(b, s)], 0)

@@ -25,6 +25,14 @@ XLA program). Unknown generations (lowering with no TPU device in sight, e.g. an
 AOT compile without a mesh) get the v4 row and no explicit limit: it fits every
 generation's default scoped VMEM. Every number is overridable per call through
 `BlockSizes` (`flash_attention(..., block_sizes=...)`).
+
+GQA head stacking (`BlockSizes.stack_gqa`): the forward and dq kernels take all G
+query heads of one kv head in one grid step, as one [G * block_q, H] operand, so
+each K/V tile is fetched once per group instead of once per query head (G times
+less K/V traffic). Their row tiles and float32 [rows, keys] temporaries grow by G,
+so the table's default stacks only where that fits half the core's VMEM, halving
+block_q (and block_q_dq) as needed while G * block_q still exceeds the unstacked
+block_q (otherwise stacking saves no K/V traffic and is left off).
 """
 
 from __future__ import annotations
@@ -61,9 +69,12 @@ DEFAULT_GENERATION = "v4"  # smallest VMEM: its tiles fit every generation
 @dataclasses.dataclass(frozen=True)
 class BlockSizes(base.BlockSizes):
     """Tile sizes of the TPU kernels (128 times a power of two), the forward's kv
-    compute sub-block and the scoped VMEM limit for Mosaic (None: Mosaic's default)."""
+    compute sub-block, the scoped VMEM limit for Mosaic (None: Mosaic's default) and
+    GQA head stacking of the forward and dq kernels (None: decided per call by
+    `resolved`, on when G > 1 and the stacked tiles fit the VMEM limit)."""
     block_kv_compute: int | None = None  # None: block_kv (no sub-blocks)
     vmem_limit_bytes: int | None = None
+    stack_gqa: bool | None = None
     MIN_BLOCK: ClassVar[int] = LANES
 
     def __post_init__(self):
@@ -83,27 +94,55 @@ class BlockSizes(base.BlockSizes):
         clipped = dataclasses.replace(self, block_kv_compute=None).clipped(q_len, kv_len)
         return dataclasses.replace(clipped, block_kv_compute=min(self.block_kv_compute, clipped.block_kv))
 
+    def heads_per_step(self, groups: int) -> int:
+        """Query heads the forward and dq kernels take per grid step (G when stacked)."""
+        return groups if self.stack_gqa else 1
+
+    def resolved(self, groups: int, head_dim: int, dtype, interpret: bool) -> BlockSizes:
+        """These sizes with `stack_gqa` decided when it is None: stacked when G > 1 and (on
+        TPU) the stacked working set fits 3/4 of the VMEM limit (Mosaic's 16 MiB default
+        when none is set)."""
+        if self.stack_gqa is not None:
+            return self
+        stack = groups > 1
+        if stack and not interpret:
+            limit = self.vmem_limit_bytes or 16 * MIB
+            stacked = dataclasses.replace(self, stack_gqa=True)
+            stack = max(vmem_bytes(stacked, head_dim, dtype, groups=groups)) <= limit * 3 // 4
+        return dataclasses.replace(self, stack_gqa=stack)
+
     @classmethod
     def for_platform(cls, platform: str, generation: str | None = None, head_dim: int = 128,
-                     dtype="bfloat16") -> BlockSizes:
+                     dtype="bfloat16", groups: int = 1) -> BlockSizes:
         """Defaults per lowering platform: the generation's table row on TPU; 128 elsewhere
-        (interpret mode, where small tiles keep the serial grid loop cheap to trace)."""
+        (interpret mode, where small tiles keep the serial grid loop cheap to trace), there
+        stacked whenever G > 1. groups: G, query heads per kv head."""
         if platform != "tpu":
-            return cls(*(LANES,) * 6)
+            return cls(*(LANES,) * 6, stack_gqa=groups > 1)
         row = TABLE.get(generation, TABLE[DEFAULT_GENERATION])[head_dim > 128]
         bq, bk, bkc, bq_dq, bk_dq, bq_dkv, bk_dkv = row
         blocks = cls(block_q=bq, block_kv=bk, block_kv_compute=bkc, block_q_dq=bq_dq, block_kv_dq=bk_dq,
-                     block_q_dkv=bq_dkv, block_kv_dkv=bk_dkv)
+                     block_q_dkv=bq_dkv, block_kv_dkv=bk_dkv, stack_gqa=False)
         if generation not in VMEM_BYTES:
-            return blocks
-        need = max(vmem_bytes(blocks, head_dim, dtype))
+            return blocks  # Mosaic's default scoped VMEM: no room for stacked tiles
+        budget = VMEM_BYTES[generation] // 2  # the limit below: 1.5x to 2x the need
+        shrink = 0
+        while groups > 1 and groups * (bq >> shrink) > bq and bq >> shrink >= LANES:
+            stacked = dataclasses.replace(blocks, block_q=bq >> shrink, block_q_dq=max(LANES, bq_dq >> shrink),
+                                          stack_gqa=True)
+            if max(vmem_bytes(stacked, head_dim, dtype, groups=groups)) <= budget:
+                blocks = stacked
+                break
+            shrink += 1
+        need = max(vmem_bytes(blocks, head_dim, dtype, groups=groups))
         limit = min(VMEM_BYTES[generation] * 3 // 4, max(16 * MIB, base.round_up(2 * need, MIB)))
         return dataclasses.replace(blocks, vmem_limit_bytes=limit)
 
 
-def vmem_bytes(blocks: BlockSizes, head_dim: int, dtype, segment_ids: bool = True):
+def vmem_bytes(blocks: BlockSizes, head_dim: int, dtype, segment_ids: bool = True, groups: int = 1):
     """Estimated VMEM working set (bytes) of one grid step of the (fwd, dq, dkv) kernels:
-    double-buffered input/output tiles, scratch, and float32 [rows, keys] temporaries."""
+    double-buffered input/output tiles, scratch, and float32 [rows, keys] temporaries;
+    with `stack_gqa` the fwd and dq rows are those of all `groups` heads of a step."""
     item = jnp.dtype(dtype).itemsize
     H = base.round_up(head_dim, LANES) if head_dim != 64 else 64
 
@@ -116,11 +155,12 @@ def vmem_bytes(blocks: BlockSizes, head_dim: int, dtype, segment_ids: bool = Tru
     def ids(bq, bk):
         return 2 * (stat(bq) + stat(bk)) + rows(max(bq, bk), LANES, 4) if segment_ids else 0
 
-    bq, bk, bkc = blocks.block_q, blocks.block_kv, blocks.kv_compute
+    g = blocks.heads_per_step(groups)
+    bq, bk, bkc = g * blocks.block_q, blocks.block_kv, blocks.kv_compute
     fwd = (2 * (rows(bq) + 2 * rows(bk)) + 2 * (rows(bq) + stat(bq))  # q, k, v in; o, lse out
            + 2 * rows(bq, LANES, 4) + rows(bq, size=4)  # m, l, acc
            + 4 * bq * bkc * 4 + ids(bq, bk))  # s, p, mask, exp temporaries
-    bq, bk = blocks.block_q_dq, blocks.block_kv_dq
+    bq, bk = g * blocks.block_q_dq, blocks.block_kv_dq
     dq = (2 * (2 * rows(bq) + 2 * rows(bk) + 2 * stat(bq)) + 2 * rows(bq)  # q, do, k, v, lse, delta; dq
           + rows(bq, size=4) + 2 * rows(bq, LANES, 4) + 5 * bq * bk * 4 + ids(bq, bk))
     bq, bk = blocks.block_q_dkv, blocks.block_kv_dkv
@@ -185,19 +225,21 @@ def cost_estimates(cfg: base.Config, B: int, N: int, T_pad: int, S_pad: int, H: 
     kernel (4*bq*bk*H per tile); that recomputation is not counted, so that XLA's
     cost analysis of a step gives model flops (what MFU is measured against).
     Transcendentals count every exp (and the soft cap's tanh) actually evaluated;
-    bytes count every HBM tile read or written, K/V once per visited tile. Tiles are
+    bytes count every HBM tile read or written, K/V once per visited tile and grid step
+    (with `stack_gqa` a step serves the G query heads of a kv head). Tiles are
     those of the causal/window band (static); with segment ids the kernels' lists
     (kernels/tpu_grid.py) can be shorter, which a static estimate cannot know, so for
     packed batches it is an upper bound.
     """
     blocks = cfg.blocks
     heads = B * N
+    steps = heads // blocks.heads_per_step(cfg.groups)  # (batch, head) steps of the fwd and dq grids
     cap = cfg.logits_soft_cap is not None
     rows_bytes = lambda n: n * H * itemsize
 
     bq, bkc = blocks.block_q, blocks.kv_compute
     tiles = heads * visited_blocks(cfg, bq, bkc, T_pad // bq)
-    kv_fetched = heads * visited_blocks(cfg, bq, blocks.block_kv, T_pad // bq)
+    kv_fetched = steps * visited_blocks(cfg, bq, blocks.block_kv, T_pad // bq)
     fwd = pl.CostEstimate(
         flops=4 * tiles * bq * bkc * H,
         transcendentals=tiles * (bq * bkc * (1 + cap) + bq),
@@ -209,7 +251,8 @@ def cost_estimates(cfg: base.Config, B: int, N: int, T_pad: int, S_pad: int, H: 
     dq = pl.CostEstimate(
         flops=2 * tiles * bq * bk * H,
         transcendentals=tiles * bq * bk * (1 + cap),
-        bytes_accessed=heads * (3 * rows_bytes(T_pad) + 2 * T_pad * SUBLANES * 4) + tiles * 2 * rows_bytes(bk))
+        bytes_accessed=heads * (3 * rows_bytes(T_pad) + 2 * T_pad * SUBLANES * 4)
+        + tiles // heads * steps * 2 * rows_bytes(bk))
 
     bq, bk = blocks.block_q_dkv, blocks.block_kv_dkv
     tiles = heads * visited_blocks(cfg, bq, bk, T_pad // bq)

@@ -4,8 +4,10 @@ float32 `reference_attention`, on the same cases, forward and dq/dk/dv.
 Implementations: "xla" and "pallas" through `kernels.attention` (on CPU "pallas" is
 the TPU kernel in Pallas interpret mode), and the Triton GPU kernel in interpret
 mode, called as `kernels.attention` calls it. Cases cover causal, packed segment
-ids with padding, GQA/MQA, sliding windows, soft caps, q_len != kv_len, head dims
-from 64 to 256, and rows with nothing to attend to (which must give zeros)."""
+ids with padding, GQA/MQA (G = 1, 2, 4, 8), sliding windows, soft caps, q_len !=
+kv_len, head dims from 64 to 256, and rows with nothing to attend to (which must
+give zeros). The TPU kernel stacks the G query heads of a kv head by default
+(`BlockSizes.stack_gqa`); its unstacked path runs the GQA cases as "pallas_unstacked"."""
 
 import functools
 
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels import gpu_triton, reference_attention
+from kernels import gpu_triton, reference_attention, tpu
 
 from kernel_utils import SMALL_GPU_BLOCKS, check_close, compiled, direct, inputs, segments, value_and_grads
 
@@ -45,6 +47,11 @@ CASES = {
         T=24, S=40, N=2, K=1,
         segment_ids=lambda: (segments([[8, 12], [20]], 24), segments([[30, 10], [15, 20]], 40))),
     "gqa_8_to_1": dict(N=8, K=1, causal=True),
+    "gqa_8_to_1_ragged_segments": dict(
+        N=8, K=1, T=200, segment_ids=lambda: segments([(70, 90, 30), (150,)], 200)),
+    "gqa_4_to_1_window_segments_soft_cap": dict(
+        T=140, S=333, N=4, K=1, causal=True, sliding_window=129, logits_soft_cap=5.0,
+        segment_ids=lambda: (segments(_PACKED, 333)[:, -140:], segments(_PACKED, 333))),
     "gqa_4_to_2_noncausal": dict(T=200),
     "sliding_window": dict(T=384, causal=True, sliding_window=100),
     "sliding_window_only": dict(T=96, N=2, K=1, sliding_window=20),
@@ -68,6 +75,11 @@ CASES = {
 # bf16 on a representative subset, to keep the suite fast in interpret mode.
 BF16_CASES = ("causal", "packed_3_segments_and_padding", "gqa_8_to_1", "soft_cap", "soft_cap_causal_window",
               "head_dim_96", "head_dim_256_causal")
+# The TPU kernel's unstacked GQA path (G = 2, 4, 8), beside the default stacked one.
+UNSTACKED = direct(tpu.flash_attention, block_sizes=tpu.BlockSizes(*(128,) * 6, stack_gqa=False), interpret=True)
+UNSTACKED_CASES = [("gqa_8_to_1", "float32"), ("gqa_8_to_1_ragged_segments", "float32"),
+                   ("gqa_4_to_1_window_segments_soft_cap", "float32"), ("packed_3_segments_and_padding", "float32"),
+                   ("gqa_8_to_1", "bfloat16")]
 
 
 def _problem(name, dtype, seed=0):
@@ -107,8 +119,16 @@ def _reference(name, dtype):
                          [(n, "bfloat16") for n in BF16_CASES])
 @pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
 def test_matches_reference(implementation, name, dtype):
+    _check(implementation, IMPLEMENTATIONS[implementation], name, dtype)
+
+
+@pytest.mark.parametrize("name, dtype", UNSTACKED_CASES)
+def test_unstacked_gqa_matches_reference(name, dtype):
+    _check("pallas_unstacked", UNSTACKED, name, dtype)
+
+
+def _check(implementation, fn, name, dtype):
     (q, k, v, do), options = _problem(name, jnp.dtype(dtype))
-    fn = IMPLEMENTATIONS[implementation]
     got = compiled(lambda *a: value_and_grads(lambda q, k, v: fn(q, k, v, **options), *a), q, k, v, do)
     want = _reference(name, dtype)
     tol = TOL[dtype]

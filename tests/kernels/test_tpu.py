@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import base, reference_attention, tpu, tpu_tuning
+from kernels import base, reference_attention, tpu, tpu_grid, tpu_tuning
 
 from kernel_utils import check_close, compiled, direct, inputs, segments, value_and_grads
 
@@ -117,3 +117,70 @@ def test_compacted_grid_on_a_packed_batch_of_64_documents(causal, window):
         check_close(g, w, 1e-5 if what == "out" else 1e-4, what)
     padding = np.asarray(ids) == 0
     assert padding.any() and np.all(np.asarray(got[0])[padding] == 0) and np.all(np.asarray(got[2])[padding] == 0)
+
+
+@pytest.mark.parametrize("generation", ["v5e", "v5p", "v6e"])
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_table_stacks_gqa_heads_where_they_fit(generation, head_dim):
+    # Stacked only where it fits VMEM and G * block_q still exceeds the unstacked block_q
+    # (fewer K/V fetches); no stacking without GQA or without a known generation.
+    plain = tpu.BlockSizes.for_platform("tpu", generation, head_dim, "bfloat16")
+    assert plain.stack_gqa is False
+    assert tpu.BlockSizes.for_platform("tpu", None, head_dim, "bfloat16", 4).stack_gqa is False
+    for groups in (2, 4, 8):
+        for dtype in ("bfloat16", "float32"):
+            blocks = tpu.BlockSizes.for_platform("tpu", generation, head_dim, dtype, groups)
+            assert blocks.stack_gqa and groups * blocks.block_q > plain.block_q
+            assert max(tpu_tuning.vmem_bytes(blocks, head_dim, dtype, groups=groups)) <= blocks.vmem_limit_bytes
+            assert blocks.vmem_limit_bytes <= tpu_tuning.VMEM_BYTES[generation] * 3 // 4
+    assert tpu.BlockSizes.for_platform("cpu", groups=2).stack_gqa
+    assert not tpu.BlockSizes.for_platform("cpu", groups=1).stack_gqa
+    # Sizes given per call: stacked unless the stacked tiles overflow their VMEM limit.
+    given = tpu.BlockSizes(*(1024,) * 6)
+    assert given.resolved(8, head_dim, "float32", interpret=True).stack_gqa
+    assert not given.resolved(8, head_dim, "float32", interpret=False).stack_gqa  # 16 MiB default
+    assert not given.resolved(1, head_dim, "float32", interpret=True).stack_gqa
+
+
+def _kv_fetches(cfg, B, N, L, bq, bk, heads):
+    """K/V block fetches of a forward grid (B, N // heads, list steps) walked in order: the
+    pipeline fetches a block when its index (batch, kv head, kv block) differs from the
+    previous step's, as Pallas's TPU pipeline does."""
+    q_block, kv_block, flags, steps = tpu_grid.q_major_lists(cfg, bq, bk, L // bq, L // bk)
+    kv_block = np.asarray(kv_block)
+    fetches, last = 0, None
+    for b in range(B):
+        for n in range(N // heads):
+            for s in range(steps):
+                index = (b, n // (cfg.groups // heads), kv_block[s])
+                fetches += index != last
+                last = index
+    return fetches
+
+
+@pytest.mark.parametrize("groups", [2, 4, 8])
+def test_stacked_gqa_fetches_kv_once_per_group(groups):
+    B, N, H, L = 2, 8, 128, 2048
+    stats = {}
+    for stack in (False, True):
+        blocks = tpu.BlockSizes(block_q=256, block_kv=512, block_kv_compute=256, block_q_dq=256,
+                                block_kv_dq=256, block_q_dkv=256, block_kv_dkv=256, stack_gqa=stack)
+        cfg, T_pad, S_pad = _config(L, L, causal=True, groups=groups, blocks=blocks)
+        fwd, dq, dkv = tpu_tuning.cost_estimates(cfg, B, N, T_pad, S_pad, H, 2)
+        q_side = B * N * (2 * T_pad * H * 2 + T_pad * 8 * 4)  # q read, o and lse written
+        dq_side = B * N * (3 * T_pad * H * 2 + 2 * T_pad * 8 * 4)  # q, do read, dq written; lse, delta
+        stats[stack] = dict(fwd_kv=fwd.bytes_accessed - q_side, dq_kv=dq.bytes_accessed - dq_side,
+                            flops=(fwd.flops, dq.flops, dkv.flops), dkv_bytes=dkv.bytes_accessed,
+                            fetches=_kv_fetches(cfg, B, N, L, 256, 512, groups if stack else 1))
+    unstacked, stacked = stats[False], stats[True]
+    assert stacked["flops"] == unstacked["flops"] and stacked["dkv_bytes"] == unstacked["dkv_bytes"]
+    assert stacked["fwd_kv"] > 0 and unstacked["fwd_kv"] == groups * stacked["fwd_kv"]
+    assert stacked["dq_kv"] > 0 and unstacked["dq_kv"] == groups * stacked["dq_kv"]
+    assert unstacked["fetches"] == groups * stacked["fetches"]
+    # The estimate books one [block_kv, H] K and V tile per visited tile: the fetches, plus the
+    # few that the pipeline saves where consecutive q blocks start and end on one kv block.
+    booked = stacked["fwd_kv"] // (2 * 512 * H * 2)
+    assert stacked["fetches"] <= booked <= 1.15 * stacked["fetches"]
+    print(f"G={groups}: fwd K/V bytes {unstacked['fwd_kv']} -> {stacked['fwd_kv']}, "
+          f"dq K/V bytes {unstacked['dq_kv']} -> {stacked['dq_kv']}, "
+          f"K/V fetches {unstacked['fetches']} -> {stacked['fetches']}")  # shown with -s

@@ -8,6 +8,7 @@ temporary memory stays linear in sequence length, far below the XLA reference's
 quadratic logits at 16k. Needs only jax + libtpu (no torch).
 """
 
+import contextlib
 import time
 
 import jax
@@ -132,8 +133,14 @@ FEATURES = {
 }
 
 
-@pytest.mark.parametrize("feature", list(FEATURES))
-def test_feature_compiles_for_tpu(feature):
+# Lowered without a mesh the generation is unknown: the v4 row, unstacked. Under a v5e mesh
+# the table stacks the G = 2 (MQA: 4) query heads of a kv head (`BlockSizes.stack_gqa`).
+STACKED_FEATURES = ("head_dim_64", "head_dim_192_f32_segments", "head_dim_256_soft_cap",
+                    "segments_ragged_length", "mqa_q_shorter_than_kv")
+
+
+@pytest.mark.parametrize("feature, stacked", [(f, False) for f in FEATURES] + [(f, True) for f in STACKED_FEATURES])
+def test_feature_compiles_for_tpu(feature, stacked):
     c = dict(FEATURES[feature])
     head_dim, T, K_, seg = c.pop("H", 128), c.pop("T", 1024), c.pop("K", 2), c.pop("seg", False)
     S, dtype = c.pop("S", T), c.pop("dtype", jnp.bfloat16)
@@ -143,11 +150,17 @@ def test_feature_compiles_for_tpu(feature):
                                 implementation="pallas", **c)
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
-    one_chip = SingleDeviceSharding(_topology_devices("v5e:2x2")[0])
+    device = _topology_devices("v5e:2x2")[0]
+    one_chip = SingleDeviceSharding(device)
     shapes = ((2, T, 4, head_dim, dtype), (2, S, K_, head_dim, dtype), (2, S, K_, head_dim, dtype))
     args = [jax.ShapeDtypeStruct(s[:4], s[4], sharding=one_chip) for s in shapes]
     args.append(jax.ShapeDtypeStruct((2, T), jnp.int32, sharding=one_chip))
-    compiled = _compile(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args))
+    mesh = Mesh(np.array([device]), ("data",))
+    with jax.set_mesh(mesh) if stacked else contextlib.nullcontext():
+        generation = tpu_tuning.device_generation()
+        blocks = tpu_tuning.BlockSizes.for_platform("tpu", generation, head_dim, dtype, 4 // K_)
+        assert blocks.stack_gqa == stacked
+        compiled = _compile(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args))
     _assert_mosaic(compiled)
 
 
@@ -180,3 +193,29 @@ def test_cost_analysis_counts_the_attention_flops(name, seq_len, causal):
     ratio = compiled.cost_analysis()["flops"] / analytic
     print(f"{name} L={seq_len} causal={causal}: flops / analytic = {ratio:.4f}")  # shown with -s
     assert 0.9 <= ratio <= 1.1, ratio
+
+
+# GQA head stacking (kernels/tpu.py, `BlockSizes.stack_gqa`): the table stacks the G query
+# heads of a kv head in the forward and dq kernels ([G * block_q, H] operands); Mosaic must
+# accept the stacked blocks, reshapes and row masks on every generation.
+@pytest.mark.parametrize("name", TOPOLOGIES)
+@pytest.mark.parametrize("groups", [4, 8])
+def test_stacked_gqa_compiles_for_tpu(name, groups):
+    mesh = Mesh(np.array(_topology_devices(name)[:1]), ("data",))
+    b, k, h, seq_len = 1, 1, 128, 2048
+    n = groups * k
+    with jax.set_mesh(mesh):
+        generation = tpu_tuning.device_generation()
+    assert tpu_tuning.BlockSizes.for_platform("tpu", generation, h, jnp.bfloat16, groups).stack_gqa
+
+    def loss(q, k, v, ids):
+        out = kernels.attention(q, k, v, causal=True, sliding_window=1000, segment_ids=ids,
+                                implementation="pallas")
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    one = NamedSharding(mesh, P())
+    args = [jax.ShapeDtypeStruct((b, seq_len, heads, h), jnp.bfloat16, sharding=one) for heads in (n, k, k)]
+    args.append(jax.ShapeDtypeStruct((b, seq_len), jnp.int32, sharding=one))
+    with jax.set_mesh(mesh):
+        compiled = _compile(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args))
+    _assert_mosaic(compiled)
