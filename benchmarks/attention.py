@@ -33,6 +33,7 @@ defaults to N). With --time-budget, shapes not started in time are rows "n/a: sk
 from __future__ import annotations
 
 import argparse
+import importlib
 import shutil
 import subprocess
 import sys
@@ -49,26 +50,22 @@ from zoo.training.metrics import PEAK_FLOPS
 # Optional peers: a module missing from the installed jax (or tokamax not installed) becomes
 # an "n/a" row with the import error, never an import failure of this benchmark.
 _MISSING = {}
-try:
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
-except Exception as e:  # pragma: no cover - depends on the installed jax
-    splash, _MISSING["splash"] = None, f"{type(e).__name__}: {e}"
-try:
-    from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
-except Exception as e:  # pragma: no cover - depends on the installed jax
-    mgpu, _MISSING["mgpu"] = None, f"{type(e).__name__}: {e}"
-try:
-    from jax.experimental.pallas.ops.tpu import flash_attention as jax_tpu_flash
-except Exception as e:  # pragma: no cover - depends on the installed jax
-    jax_tpu_flash, _MISSING["jax_pallas_tpu"] = None, f"{type(e).__name__}: {e}"
-try:
-    from jax.experimental.pallas.ops.gpu import attention as jax_gpu_flash
-except Exception as e:  # pragma: no cover - the Triton backend leaves jax
-    jax_gpu_flash, _MISSING["jax_pallas_gpu"] = None, f"{type(e).__name__}: {e}"
-try:
-    import tokamax
-except Exception as e:  # optional peer
-    tokamax, _MISSING["tokamax"] = None, f"tokamax is not installed ({type(e).__name__}); pip install tokamax"
+
+
+def _optional(module: str, key: str, hint: str = "{error}"):
+    """The module, or None with `_MISSING[key]` saying why (hint formatted with the error)."""
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # pragma: no cover - depends on what is installed
+        _MISSING[key] = hint.format(error=f"{type(e).__name__}: {e}", kind=type(e).__name__)
+        return None
+
+
+splash = _optional("jax.experimental.pallas.ops.tpu.splash_attention", "splash")
+mgpu = _optional("jax.experimental.pallas.ops.gpu.attention_mgpu", "mgpu")
+jax_tpu_flash = _optional("jax.experimental.pallas.ops.tpu.flash_attention", "jax_pallas_tpu")
+jax_gpu_flash = _optional("jax.experimental.pallas.ops.gpu.attention", "jax_pallas_gpu")  # Triton: leaving jax
+tokamax = _optional("tokamax", "tokamax", "tokamax is not installed ({kind}); pip install tokamax")
 
 OURS = ("pallas", "pallas_triton", "xla")
 TOKAMAX = ("tokamax_mosaic", "tokamax_triton", "tokamax_cudnn", "tokamax_xla")

@@ -199,7 +199,8 @@ def test_pre_hopper_device_is_refused(monkeypatch):
 def test_runs_on_gpu(head_dim):
     capability = gpu_mosaic.local_compute_capability()
     if capability is None or capability < (9, 0) or not gpu_mosaic.AVAILABLE:
-        pytest.skip("needs a Hopper+ NVIDIA GPU and jax >= 0.12")
+        pytest.skip(f"the Mosaic GPU kernel serves Hopper+ (sm90) with jax >= 0.12; this machine has "
+                    f"compute capability {capability}, jax {jax.__version__} (pallas_triton covers older GPUs)")
     b, t, n, kh = 2, 1000, 8, 2
     q, k, v, do = inputs((b, t, n, head_dim), (b, t, kh, head_dim), jnp.bfloat16)
     kw = dict(causal=True, segment_ids=segments([[400, 500], [1000]], t), sliding_window=300,
