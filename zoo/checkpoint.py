@@ -12,12 +12,13 @@ restarted run resumes from the latest complete checkpoint.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from zoo import multihost
 
 
 @contextlib.contextmanager
@@ -46,26 +47,21 @@ def _flat(tree) -> dict[str, tuple[tuple[int, ...], str]]:
             for path, x in leaves}
 
 
-def _gather_json(obj) -> list:
-    """Every process's JSON-able `obj`, in process order (a collective: all processes call it)."""
-    if jax.process_count() == 1:
-        return [obj]
-    from jax.experimental import multihost_utils
-
-    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.int32(raw.size))
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[: raw.size] = raw
-    gathered = multihost_utils.process_allgather(padded)
-    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, lengths)]
-
-
 class Checkpointer:
     """Async save every N steps, keep the last K, restore sharded state + data-iterator state."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        # With several processes, orbax's barriers (some run on its async-save thread) go through
+        # the coordination service by naming every process as active; its default barrier is a
+        # device collective, which the main thread's collectives could interleave with.
+        multi = jax.process_count() > 1
+        if multi:  # orbax refuses create=True with active_processes set
+            os.makedirs(self.directory, exist_ok=True)
+        processes = ocp.options.MultiprocessingOptions(active_processes=set(range(jax.process_count())) if multi
+                                                       else None)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not multi, enable_async_checkpointing=True,
+                                               multiprocessing_options=processes)
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
 
     def latest_step(self) -> int | None:
@@ -82,7 +78,8 @@ class Checkpointer:
         Every process must call it. Each process's data-iterator state differs (its
         own slice of the data), so they are gathered and stored together, one per process.
         """
-        per_process = {"process_count": jax.process_count(), "processes": _gather_json(data_state or {})}
+        gathered = multihost.allgather_json("checkpoint-data", data_state or {})
+        per_process = {"process_count": jax.process_count(), "processes": gathered}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(per_process))
         self.manager.save(step, args=args, force=True)
 

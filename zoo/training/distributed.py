@@ -7,8 +7,8 @@ import signal
 import sys
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
+
+from zoo import multihost
 
 # Exit status after Ctrl-C (128 + SIGINT, the shell's convention): the run checkpointed and stopped.
 INTERRUPTED = 130
@@ -71,9 +71,8 @@ class StopRequest:
         """The signal that stops the run ("sigterm" / "sigint"), agreed by all processes, or None."""
         if jax.process_count() == 1:
             return self.signal
-        code = {None: 0, "sigterm": 1, "sigint": 2}[self.signal]
-        agreed = int(multihost_utils.process_allgather(np.int32(code)).max())
-        return {0: None, 1: "sigterm", 2: "sigint"}[agreed]
+        signals = multihost.allgather_json("stop", self.signal)
+        return "sigint" if "sigint" in signals else "sigterm" if "sigterm" in signals else None
 
     def close(self) -> None:
         for s, handler in self._previous.items():
@@ -82,5 +81,4 @@ class StopRequest:
 
 def barrier(name: str) -> None:
     """All processes wait here (a no-op with one process)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+    multihost.barrier(name)
