@@ -57,7 +57,9 @@ class Checkpointer:
         # device collective, which the main thread's collectives could interleave with.
         multi = jax.process_count() > 1
         if multi:  # orbax refuses create=True with active_processes set
-            os.makedirs(self.directory, exist_ok=True)
+            if jax.process_index() == 0:
+                os.makedirs(self.directory, exist_ok=True)
+            multihost.barrier("checkpoint-dir")
         processes = ocp.options.MultiprocessingOptions(active_processes=set(range(jax.process_count())) if multi
                                                        else None)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not multi, enable_async_checkpointing=True,

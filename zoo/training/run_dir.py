@@ -16,6 +16,7 @@ import jax
 from flax import linen as nn
 
 import zoo
+from zoo import multihost
 from zoo.checkpoint import Checkpointer, CheckpointMismatch
 from zoo.paths import OutputError, RunLock, check_writable_parent, resolve
 from zoo.pretrained import write_run_metadata
@@ -146,7 +147,9 @@ def remove_incomplete_saves(ckpt_dir: str) -> None:
 def restorable_step(config: TrainConfig, cfg, ckpt_dir: str, seq_len: int) -> int | None:
     """The step of the newest checkpoint (None: a fresh run); another model's checkpoint or changed
     flags are refused before anything is written or compiled."""
-    if not os.path.isdir(ckpt_dir):
+    # The primary process's answer for all: another process may create the directory (its
+    # Checkpointer) before this one looks, and every process must open the same Checkpointers.
+    if not multihost.allgather_json("checkpoint-dir-exists", os.path.isdir(ckpt_dir))[0]:
         return None
     ckpt = Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
     try:
