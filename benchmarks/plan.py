@@ -50,6 +50,18 @@ TABLE = (
     ("llama3.1-70b", "v6e:16x16", "fsdp=-1", 256, 4096, "full"),
     ("gpt3-175b", "v5p:4x4x8", "fsdp=-1", 128, 2048, "full"),
     ("gpt3-175b", "v5e:16x16", "fsdp=-1", 256, 2048, "full"),
+    # the 2026 families: the smallest slice each fits (vocabularies of 256k make the logits big)
+    ("gemma2-2b", "v6e:2x2", "fsdp=-1", 8, 4096, "full"),
+    ("gemma2-9b", "v5p:2x2x1", "fsdp=-1", 8, 4096, "full"),
+    ("gemma2-27b", "v5p:2x2x2", "fsdp=-1", 8, 4096, "full"),
+    ("gemma3-1b", "v5e:2x2", "fsdp=-1", 4, 4096, "full"),
+    ("gemma3-4b", "v6e:2x2", "fsdp=-1", 8, 4096, "full"),
+    ("gemma3-12b", "v5p:2x2x1", "fsdp=-1", 8, 4096, "full"),
+    ("gemma3-27b", "v5p:2x2x2", "fsdp=-1", 8, 4096, "full"),
+    ("olmo2-7b", "v5p:2x2x1", "fsdp=-1", 8, 4096, "full"),
+    ("smollm3-3b", "v6e:2x2", "fsdp=-1", 8, 4096, "full"),
+    ("phi-3-mini", "v6e:2x2", "fsdp=-1", 8, 4096, "full"),
+    ("phi-4", "v5p:2x2x1", "fsdp=-1", 8, 4096, "full"),
 )
 TABLE_COLUMNS = ["model", "params_b", "topology", "slice", "chips", "mesh", "batch", "seq", "remat", "hbm_gib",
                  "capacity_gib", "fits", "tflop_per_device", "compile_s"]
@@ -78,16 +90,39 @@ def run_table(rows=TABLE, *, presets=None, topologies=None, out_dir=None) -> dic
     missing = sorted({r[0] for r in chosen if r[0] not in known})
     if missing:
         print(f"skipping presets zoo does not define (yet): {', '.join(missing)}")
+    # With a filter, the saved rows of the rest of the table are kept (in TABLE's order).
+    kept = _saved_rows(out_dir) if (presets or topologies) else {}
+    planned = {_row_key(r[0], r[1], r[3], r[4], r[5]) for r in chosen}
+    order = {_row_key(r[0], r[1], r[3], r[4], r[5]): i for i, r in enumerate(rows)}
+    others = [r for k, r in kept.items() if k not in planned and k in order]
     results = []
+
+    def merged():
+        return sorted(others + results, key=lambda r: order.get(
+            _row_key(r["model"], r["topology"], r["batch_size"], r["seq_len"], r["remat"]), len(order)))
+
     for name, topo, mesh, batch, seq, remat in tqdm([r for r in chosen if r[0] in known], desc="plans",
                                                     unit="compile", dynamic_ncols=True):
         r = plan(zoo.config(name, remat=remat), topo, mesh=mesh, batch_size=batch, seq_len=seq)
         tqdm.write(format_plan(r))
         results.append(r)
-        write_table(results, out_dir)  # after every row: a long table survives an interruption
-    payload = write_table(results, out_dir)
+        write_table(merged(), out_dir)  # after every row: a long table survives an interruption
+    payload = write_table(merged(), out_dir)
     print(Path(out_dir or RESULTS_DIR, "plan_tpu.md").read_text())
     return payload
+
+
+def _row_key(model, topology, batch, seq, remat) -> tuple:
+    return model, canonical_topology(topology), int(batch), int(seq), remat
+
+
+def _saved_rows(out_dir=None) -> dict:
+    """The rows of the saved plan_tpu.json, by (model, topology, batch, seq, remat); {} if none."""
+    path = Path(out_dir or RESULTS_DIR, "plan_tpu.json")
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text()).get("rows", [])
+    return {_row_key(r["model"], r["topology"], r["batch_size"], r["seq_len"], r["remat"]): r for r in rows}
 
 
 def write_table(results: list[dict], out_dir=None) -> dict:

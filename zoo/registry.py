@@ -19,6 +19,8 @@ from zoo.hf.rules import ArchSpec
 from zoo.models.bert import config as bert_config
 from zoo.models.bert import hf as bert_hf
 from zoo.models.bert.model import build_bert
+from zoo.models.gemma import config as gemma_config
+from zoo.models.gemma import hf as gemma_hf
 from zoo.models.gpt2 import config as gpt2_config
 from zoo.models.gpt2 import hf as gpt2_hf
 from zoo.models.gpt2.model import GPT2
@@ -134,6 +136,9 @@ register(Family("gpt2", gpt2_config.GPT2Config, GPT2, kind="decoder", objectives
 register(Family("llama", llama_config.LlamaConfig, Llama, kind="decoder", objectives=("clm",), tasks=("pretrain",),
                 eval_task="perplexity", hf_specs=llama_hf.ARCHITECTURES,
                 presets=llama_config.PRESETS))
+register(Family("gemma", gemma_config.GemmaConfig, Llama, kind="decoder", objectives=("clm",), tasks=("pretrain",),
+                eval_task="perplexity", hf_specs=gemma_hf.ARCHITECTURES,
+                presets=gemma_config.PRESETS))
 register(Family("moe", moe_config.MoEConfig, MoEDecoder, kind="decoder", objectives=("clm",), tasks=("pretrain",),
                 eval_task="perplexity", hf_specs=moe_hf.ARCHITECTURES,
                 presets=moe_config.PRESETS))

@@ -14,6 +14,7 @@ from zoo.hf.rules import ArchSpec, Rule, token_ids_from_hf, token_ids_to_hf
     (Rule("w", ("a",), "copy", (4, 6)), [(2, 2, 6)]),
     (Rule("w", ("a",), "linear", (6, 4)), [(4, 3, 2)]),
     (Rule("w", ("q", "k", "v"), "fused", (4, 9)), [(4, 3)] * 3),
+    (Rule("w", ("q", "k", "v"), "fused_linear", (12, 4)), [(4, 4, 2), (4, 1, 2), (4, 1, 2)]),
 ])
 def test_layouts_round_trip_bit_exactly(rule, zoo_shapes):
     x = np.random.default_rng(0).standard_normal(rule.hf_shape).astype(np.float32)
@@ -26,6 +27,13 @@ def test_linear_layout_transposes_torch_weights():
     w = np.arange(6, dtype=np.float32).reshape(3, 2)  # torch nn.Linear [out, in]
     (kernel,) = Rule("w", ("a",), "linear", (3, 2)).to_zoo(w, [(2, 3)])
     np.testing.assert_array_equal(kernel, w.T)
+
+
+def test_fused_linear_layout_splits_torch_output_rows_by_size():
+    w = np.arange(24, dtype=np.float32).reshape(6, 4)  # [q rows 0-3 | k rows 4-5], in = 4
+    q, k = Rule("w", ("q", "k"), "fused_linear", (6, 4)).to_zoo(w, [(4, 2, 2), (4, 2)])
+    np.testing.assert_array_equal(q.reshape(4, 4), w[:4].T)
+    np.testing.assert_array_equal(k, w[4:].T)
 
 
 def test_unknown_layout_is_refused():

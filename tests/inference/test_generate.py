@@ -11,6 +11,8 @@ import pytest
 import zoo
 from zoo.inference import sample_logits
 
+import hf_utils
+
 
 def _prompts(vocab, seed=0):
     rng = np.random.default_rng(seed)
@@ -49,11 +51,18 @@ def _hf_model(family, tmp_path):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "gemma2", "gemma3", "olmo2", "smollm3",
+                                    "phi3"])
 def test_greedy_matches_transformers(family, tmp_path):
+    """Left-padded prompts, 32 new tokens: longer than every sliding window of the checkpoints
+    (tests/hf_utils.py), so the cache's windowed decoding and per-layer kinds are exercised."""
     import torch
 
-    hf = _hf_model(family, tmp_path)
+    if family in hf_utils.CHECKPOINTS:
+        hf = hf_utils.make_model(family)
+        hf_utils.save(hf, tmp_path)
+    else:
+        hf = _hf_model(family, tmp_path)
     model, params = zoo.from_hf(tmp_path)
     ids, mask = _prompts(256)
     with torch.no_grad():

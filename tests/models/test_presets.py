@@ -5,6 +5,9 @@ number of parameters (on torch's meta device) from the config that `config_to_hf
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 import zoo
@@ -24,6 +27,14 @@ PUBLISHED = {
     "qwen3-0.6b": 0.59605e9,
     "qwen3-8b": 8.1907e9,
     "gemma-2b": 2.5062e9,
+    "gemma2-2b": 2.6143e9,
+    "gemma2-9b": 9.2417e9,
+    "gemma2-27b": 27.227e9,
+    "gemma3-1b": 0.99989e9,
+    "olmo2-7b": 7.2986e9,
+    "smollm3-3b": 3.0751e9,
+    "phi-3-mini": 3.8211e9,
+    "phi-4": 14.660e9,
     "mixtral-8x7b": 46.703e9,
     "qwen3-30b-a3b": 30.532e9,
     "bert-base": 109.48e6,
@@ -33,12 +44,22 @@ PUBLISHED = {
     "t5-large": 737.67e6,
     "flan-t5-base": 247.58e6,
 }
+# Gemma 3 4B and up are published with their vision tower; the text model's figure is the
+# technical report's non-embedding count (Table 1, millions) plus the V x D embedding.
+PUBLISHED_NON_EMBEDDING = {"gemma3-4b": 3209e6, "gemma3-12b": 10759e6, "gemma3-27b": 25600e6}
 FULL_SIZE = sorted(n for n in zoo.list_models() if not n.startswith(("tiny-", "small-")))
-DECODERS = [n for n in FULL_SIZE if zoo.config(n).family in ("gpt2", "llama", "moe")]
+DECODERS = [n for n in FULL_SIZE if zoo.config(n).family in ("gpt2", "llama", "gemma", "moe")]
 
 
 def test_published_presets_exist():
-    assert set(PUBLISHED) <= set(FULL_SIZE), set(PUBLISHED) - set(FULL_SIZE)
+    assert set(PUBLISHED) | set(PUBLISHED_NON_EMBEDDING) <= set(FULL_SIZE)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_NON_EMBEDDING))
+def test_text_tower_non_embedding_count_matches_published(name):
+    cfg = zoo.config(name)
+    count = zoo.param_count(cfg) - cfg.vocab_size * cfg.hidden_size  # tied head: one V x D table
+    assert abs(count - PUBLISHED_NON_EMBEDDING[name]) <= 1e-3 * PUBLISHED_NON_EMBEDDING[name], (name, count)
 
 
 @pytest.mark.parametrize("name", FULL_SIZE)
@@ -120,3 +141,22 @@ def test_config_replace_is_revalidated():
     cfg = zoo.config("tiny-llama")
     with pytest.raises(ValueError, match="must be a multiple of num_kv_heads=3"):
         cfg.replace(num_kv_heads=3)
+
+
+def _readme_models() -> dict[str, str]:
+    """preset -> the params cell of README's model table."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## Models", 1)[1].split("\n\n", 2)[1]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): cells[3].strip() for cells in rows[1:]}
+
+
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_readme_model_table_lists_preset_with_its_count(name):
+    cell = _readme_models().get(name)
+    assert cell is not None, f"README's model table has no row for {name}"
+    m = re.fullmatch(r"([0-9.]+)([MB])", cell)
+    assert m, f"{name}: params cell {cell!r} is not like 1.236B"
+    value, unit = float(m[1]) * {"M": 1e6, "B": 1e9}[m[2]], {"M": 1e6, "B": 1e9}[m[2]]
+    decimals = len(m[1].split(".")[1]) if "." in m[1] else 0
+    assert abs(value - zoo.param_count(zoo.config(name))) <= 0.5 * unit * 10 ** -decimals, (name, cell)

@@ -30,7 +30,9 @@ class CheckpointError(ValueError):
 # "copy":   same values, reshaped (norm scales, embeddings, biases, GPT-2's Conv1D [in, out]).
 # "linear": torch nn.Linear weight [out, in] -> zoo kernel [in..., out...] (transpose + reshape).
 # "fused":  the HF tensor's last axis holds len(zoo) equal parts (GPT-2 c_attn = q|k|v).
-LAYOUTS = ("copy", "linear", "fused")
+# "fused_linear": a torch nn.Linear weight whose output rows are the zoo kernels' outputs one
+#           after another, sized by each kernel (Phi-3 qkv_proj = q|k|v with GQA, gate_up_proj).
+LAYOUTS = ("copy", "linear", "fused", "fused_linear")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ class Rule:
             return [x.reshape(zoo_shapes[0])]
         if self.layout == "linear":
             return [x.T.reshape(zoo_shapes[0])]
+        if self.layout == "fused_linear":
+            n_in = x.shape[1]
+            bounds = np.cumsum([int(np.prod(s)) // n_in for s in zoo_shapes])[:-1]
+            return [p.reshape(s) for p, s in zip(np.split(x.T, bounds, axis=1), zoo_shapes)]
         parts = np.split(x, len(self.zoo), axis=-1)
         return [p.reshape(s) for p, s in zip(parts, zoo_shapes)]
 
@@ -76,6 +82,9 @@ class Rule:
             return pieces[0].reshape(self.hf_shape)
         if self.layout == "linear":
             return pieces[0].reshape(self.hf_shape[::-1]).T
+        if self.layout == "fused_linear":
+            n_in = self.hf_shape[1]
+            return np.concatenate([p.reshape(n_in, -1) for p in pieces], axis=1).T
         part_shape = self.hf_shape[:-1] + (self.hf_shape[-1] // len(pieces),)
         return np.concatenate([p.reshape(part_shape) for p in pieces], axis=-1)
 

@@ -19,7 +19,13 @@ class SelfAttention(nn.Module):
     """Multi-head / grouped-query self-attention through `kernels.attention`.
 
     q_proj [D, N, H], k_proj/v_proj [D, K, H], o_proj [N, H, D]. Optional q/k bias
-    (GPT-2, Qwen2), per-head q/k RMSNorm (Qwen3), RoPE, sliding window.
+    (GPT-2, Qwen2), q/k RMSNorm per head (Qwen3, Gemma 3 with (1 + w)) or over the whole
+    projection (OLMo 2), RoPE, sliding window, logit scale and soft cap (Gemma 2).
+
+    Layers of one scanned stack may differ in window and RoPE (Gemma 2/3's local and global
+    layers, SmolLM3's NoPE layers): `layer_kinds` lists the distinct (sliding_window,
+    rope_theta, rope_scaling) triples and `layer_kind_ids` each layer's; the call then takes
+    the layer index and switches between the kinds (same parameters, another mask/rotation).
     """
 
     hidden_size: int
@@ -29,41 +35,68 @@ class SelfAttention(nn.Module):
     qkv_bias: bool = False
     out_bias: bool = False
     qk_norm_eps: float | None = None
+    qk_norm_offset: bool = False  # Gemma 3: q/k norms scale by (1 + w)
+    qk_norm_flat: bool = False  # OLMo 2: q/k norms over all heads of the projection, not per head
     rope_theta: float | None = None
     rope_scaling: tuple | None = None
     sliding_window: int | None = None
+    layer_kinds: tuple | None = None  # distinct (sliding_window, rope_theta, rope_scaling); overrides the three
+    layer_kind_ids: tuple[int, ...] | None = None  # per layer: its index into layer_kinds
+    scale: float | None = None  # logit scale (default 1/sqrt(head_dim))
+    logits_soft_cap: float | None = None
     causal: bool = True
     attention_impl: str | None = None
     decode: bool = False  # keep a KV cache in the "cache" collection (zoo/inference/decoder.py)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    def _per_kind(self, layer, fn, *args):
+        """fn(kind, *args) for this layer's kind: a lax.switch on the layer index when layers differ."""
+        kinds = self.layer_kinds or ((self.sliding_window, self.rope_theta, self.rope_scaling),)
+        if len(kinds) == 1:
+            return fn(kinds[0], *args)
+        if layer is None:
+            raise ValueError("layers of different kinds need the layer index")
+        kind = jnp.asarray(self.layer_kind_ids, jnp.int32)[layer]
+        return jax.lax.switch(kind, [lambda *a, k=k: fn(k, *a) for k in kinds], *args)
+
+    def _rotate(self, kind, q_BTNH, k_BSKH, positions_BT):
+        _, theta, scaling = kind
+        if theta is None:  # NoPE
+            return q_BTNH, k_BSKH
+        inv_freq = rope_frequencies(self.head_dim, theta, scaling)
+        return apply_rope(q_BTNH, positions_BT, inv_freq), apply_rope(k_BSKH, positions_BT, inv_freq)
+
+    def attend(self, q, k, v, *, causal, segment_ids, sliding_window):
+        return kernels.attention(q, k, v, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
+                                 scale=self.scale, logits_soft_cap=self.logits_soft_cap,
+                                 implementation=self.attention_impl)
+
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, layer=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
         q_BTNH = Dense((n, h), ("embed",), ("heads", "head_dim"), use_bias=self.qkv_bias, name="q_proj", **kw)(x_BTD)
         k_BSKH = Dense((k, h), ("embed",), ("kv_heads", "head_dim"), use_bias=self.qkv_bias, name="k_proj", **kw)(x_BTD)
         v_BSKH = Dense((k, h), ("embed",), ("kv_heads", "head_dim"), use_bias=self.qkv_bias, name="v_proj", **kw)(x_BTD)
         if self.qk_norm_eps is not None:
-            q_BTNH = RMSNorm(self.qk_norm_eps, axis_name="head_dim", name="q_norm", **kw)(q_BTNH)
-            k_BSKH = RMSNorm(self.qk_norm_eps, axis_name="head_dim", name="k_norm", **kw)(k_BSKH)
-        if self.rope_theta is not None:
-            inv_freq = rope_frequencies(h, self.rope_theta, self.rope_scaling)
-            q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
-            k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
+            q_axes, k_axes = (("heads", "head_dim"), ("kv_heads", "head_dim")) if self.qk_norm_flat else \
+                ("head_dim", "head_dim")
+            norm = lambda axes, name: RMSNorm(self.qk_norm_eps, self.qk_norm_offset, axis_name=axes, name=name, **kw)
+            q_BTNH = norm(q_axes, "q_norm")(q_BTNH)
+            k_BSKH = norm(k_axes, "k_norm")(k_BSKH)
+        q_BTNH, k_BSKH = self._per_kind(layer, self._rotate, q_BTNH, k_BSKH, positions_BT)
         if self.decode:
-            out_BTNH = self._attend_with_cache(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+            out_BTNH = self._attend_with_cache(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, layer)
         else:
-            out_BTNH = kernels.attention(
-                q_BTNH, k_BSKH, v_BSKH, causal=self.causal, segment_ids=segment_ids_BT,
-                sliding_window=self.sliding_window, implementation=self.attention_impl,
-            )
+            out_BTNH = self._per_kind(layer, lambda kind, q, k, v, ids: self.attend(
+                q, k, v, causal=self.causal, segment_ids=ids, sliding_window=kind[0]),
+                q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
         out_BTNH = constrain(out_BTNH, ("batch", "length", "activation_heads", None))
         return Dense((self.hidden_size,), ("heads", "head_dim"), ("embed",), use_bias=self.out_bias,
                      name="o_proj", **kw)(out_BTNH)
 
-    def _attend_with_cache(self, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
+    def _attend_with_cache(self, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, layer=None):
         """Writes this chunk's keys/values at the cache index, then attends.
 
         The cache is created at its full length by `init` on a [B, max_len] input.
@@ -87,13 +120,15 @@ class SelfAttention(nn.Module):
         cached_ids.value = jax.lax.dynamic_update_slice(cached_ids.value, ids_BT, (0, i))
         index.value = i + t
         if t > 1:
-            return kernels.attention(q_BTNH, k_BTKH, v_BTKH, causal=True, segment_ids=ids_BT,
-                                     sliding_window=self.sliding_window, implementation=self.attention_impl)
-        s = cached_ids.value.shape[1]
-        slot_S = jnp.arange(s)
-        visible_BS = (cached_ids.value > 0) & (slot_S <= i)[None]
-        if self.sliding_window is not None:
-            visible_BS &= (slot_S > i - self.sliding_window)[None]
-        return kernels.attention(q_BTNH, cached_k.value, cached_v.value, causal=False,
-                                 segment_ids=(ids_BT, visible_BS.astype(jnp.int32)),
-                                 implementation=self.attention_impl)
+            return self._per_kind(layer, lambda kind, q, k, v: self.attend(
+                q, k, v, causal=True, segment_ids=ids_BT, sliding_window=kind[0]), q_BTNH, k_BTKH, v_BTKH)
+        slot_S = jnp.arange(cached_ids.value.shape[1])
+
+        def one_token(kind, q, keys, values, cached_ids):
+            visible_BS = (cached_ids > 0) & (slot_S <= i)[None]
+            if kind[0] is not None:
+                visible_BS &= (slot_S > i - kind[0])[None]
+            return self.attend(q, keys, values, causal=False, segment_ids=(ids_BT, visible_BS.astype(jnp.int32)),
+                               sliding_window=None)
+
+        return self._per_kind(layer, one_token, q_BTNH, cached_k.value, cached_v.value, cached_ids.value)

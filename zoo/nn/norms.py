@@ -18,14 +18,18 @@ class RMSNorm(nn.Module):
     offset: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    axis_name: str = "embed"
+    # The logical name of the normalised axis; a tuple normalises that many trailing axes
+    # together (OLMo 2's q/k norm over all heads of a projection: ("heads", "head_dim")).
+    axis_name: str | tuple[str, ...] = "embed"
 
     @nn.compact
     def __call__(self, x):
         init = nn.initializers.zeros if self.offset else nn.initializers.ones
-        scale = self.param("scale", param_with_axes(init, (self.axis_name,)), (x.shape[-1],), self.param_dtype)
+        names = (self.axis_name,) if isinstance(self.axis_name, str) else tuple(self.axis_name)
+        axes = tuple(range(-len(names), 0))
+        scale = self.param("scale", param_with_axes(init, names), x.shape[-len(names):], self.param_dtype)
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + self.eps)
         if self.offset:  # Gemma multiplies in float32 before casting back
             return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
         return normed.astype(self.dtype) * scale.astype(self.dtype)

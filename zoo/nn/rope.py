@@ -9,10 +9,14 @@ import jax.numpy as jnp
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None = None) -> jax.Array:
-    """Inverse frequencies [H/2], with Llama-3's piecewise frequency scaling if given."""
+    """Inverse frequencies [H/2]. `scaling`: None; (factor,) for linear scaling (positions
+    divided by factor: Gemma 3's global layers); or (factor, low_freq_factor, high_freq_factor,
+    original_max_position) for Llama-3's piecewise frequency scaling."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     if scaling is None:
         return inv_freq
+    if len(scaling) == 1:
+        return inv_freq / scaling[0]
     factor, low_freq_factor, high_freq_factor, original_max = scaling
     low_wavelen = original_max / low_freq_factor
     high_wavelen = original_max / high_freq_factor

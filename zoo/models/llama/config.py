@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from zoo.configs import TINY, ModelConfig
+from zoo.nn.blocks import NORM_PLACEMENTS
+
+LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's names
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +29,16 @@ class LlamaConfig(ModelConfig):
     norm_offset: bool = False  # Gemma: RMSNorm scales by (1 + w)
     embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
     hidden_act: str = "silu"  # gate activation: silu (SwiGLU) or gelu_tanh (GeGLU)
+    norm_placement: str = "pre"  # "pre", "sandwich" (Gemma 2/3) or "post" (OLMo 2): zoo/nn/blocks.py
+    qk_norm_flat: bool = False  # OLMo 2: the q/k norms span the whole projection, not one head
+    # Per-layer attention kinds. layer_types[i]: "full_attention" or "sliding_attention" (the
+    # window is `sliding_window`); None: every layer sliding if sliding_window is set (Mistral).
+    layer_types: tuple[str, ...] | None = None
+    nope_layers: tuple[int, ...] = ()  # SmolLM3: layers without RoPE
+    rope_local_theta: float | None = None  # Gemma 3: sliding layers' RoPE base (without rope_scaling)
+    query_pre_attn_scalar: float | None = None  # Gemma 2/3: logits scaled by this ** -0.5, not head_dim's
+    attn_logit_softcap: float | None = None  # Gemma 2: c * tanh(logits / c)
+    final_logit_softcap: float | None = None  # Gemma 2: on the output logits
 
     ARCHITECTURES: ClassVar[tuple[str, ...]] = (
         "LlamaForCausalLM",
@@ -33,6 +46,9 @@ class LlamaConfig(ModelConfig):
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",
         "GemmaForCausalLM",
+        "Olmo2ForCausalLM",
+        "SmolLM3ForCausalLM",
+        "Phi3ForCausalLM",
     )
 
     def __post_init__(self):
@@ -45,6 +61,37 @@ class LlamaConfig(ModelConfig):
             raise ValueError(f"{self.name}: RoPE needs an even head_dim, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"{self.name}: sliding_window must be positive, got {self.sliding_window}")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(f"{self.name}: norm_placement must be one of {NORM_PLACEMENTS}, got "
+                             f"{self.norm_placement!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ValueError(f"{self.name}: layer_types must give one of {LAYER_TYPES} for each of the "
+                                 f"{self.num_layers} layers")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError(f"{self.name}: sliding_attention layers need sliding_window")
+        if any(not 0 <= i < self.num_layers for i in self.nope_layers):
+            raise ValueError(f"{self.name}: nope_layers must be layer indices below {self.num_layers}")
+        if self.rope_scaling is not None and len(self.rope_scaling) not in (1, 4):
+            raise ValueError(f"{self.name}: rope_scaling is (factor,) or (factor, low, high, original_max)")
+
+    def attention_kinds(self) -> tuple[tuple, tuple[int, ...]]:
+        """(the distinct (sliding_window, rope_theta, rope_scaling) of the layers, each layer's index
+        into them): what zoo.nn.attention.SelfAttention switches between."""
+        per_layer = []
+        for i in range(self.num_layers):
+            sliding = (self.layer_types[i] == "sliding_attention") if self.layer_types else \
+                self.sliding_window is not None
+            window = self.sliding_window if sliding else None
+            if i in self.nope_layers:
+                rope = (None, None)
+            elif sliding and self.rope_local_theta is not None:
+                rope = (self.rope_local_theta, None)
+            else:
+                rope = (self.rope_theta, self.rope_scaling)
+            per_layer.append((window, *rope))
+        kinds = tuple(dict.fromkeys(per_layer))
+        return kinds, tuple(kinds.index(k) for k in per_layer)
 
     @property
     def hf_architecture(self) -> str:  # type: ignore[override]
@@ -78,6 +125,20 @@ PRESETS = (
         num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256, intermediate_size=16384,
         hidden_act="gelu_tanh", norm_offset=True, embed_scale=True, tie_word_embeddings=True,
         rms_norm_eps=1e-6, max_seq_len=8192),
+    LlamaConfig(name="olmo2-7b", architecture="Olmo2ForCausalLM", vocab_size=100352, hidden_size=4096,
+        num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=11008, norm_placement="post",
+        qk_norm=True, qk_norm_flat=True, rope_theta=500000.0, rms_norm_eps=1e-6, max_seq_len=4096,
+        bos_token_id=None, eos_token_id=100257, pad_token_id=100277),
+    LlamaConfig(name="smollm3-3b", architecture="SmolLM3ForCausalLM", vocab_size=128256, hidden_size=2048,
+        num_layers=36, num_heads=16, num_kv_heads=4, intermediate_size=11008, tie_word_embeddings=True,
+        nope_layers=tuple(range(3, 36, 4)), rope_theta=5000000.0, rms_norm_eps=1e-6, max_seq_len=65536,
+        bos_token_id=128000, eos_token_id=128012, pad_token_id=128004),
+    LlamaConfig(name="phi-3-mini", architecture="Phi3ForCausalLM", vocab_size=32064, hidden_size=3072,
+        num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=8192, sliding_window=2047,
+        rms_norm_eps=1e-5, max_seq_len=4096, bos_token_id=1, eos_token_id=32000, pad_token_id=32000),
+    LlamaConfig(name="phi-4", architecture="Phi3ForCausalLM", vocab_size=100352, hidden_size=5120,
+        num_layers=40, num_heads=40, num_kv_heads=10, intermediate_size=17920, rope_theta=250000.0,
+        rms_norm_eps=1e-5, max_seq_len=16384, bos_token_id=100257, eos_token_id=100265, pad_token_id=100351),
     # tiny presets: one per family switch, for tests and CPU runs
     LlamaConfig(name="tiny-llama", num_kv_heads=2, rope_scaling=(8.0, 1.0, 4.0, 64), **TINY),
     LlamaConfig(name="tiny-mistral", architecture="MistralForCausalLM", num_kv_heads=2, sliding_window=16,
@@ -89,6 +150,11 @@ PRESETS = (
     LlamaConfig(name="tiny-gemma", architecture="GemmaForCausalLM", num_kv_heads=1, head_dim=32,
         hidden_act="gelu_tanh", norm_offset=True, embed_scale=True, tie_word_embeddings=True,
         rms_norm_eps=1e-6, **TINY),
+    LlamaConfig(name="tiny-olmo2", architecture="Olmo2ForCausalLM", num_kv_heads=2, norm_placement="post",
+        qk_norm=True, qk_norm_flat=True, rms_norm_eps=1e-6, **TINY),
+    LlamaConfig(name="tiny-smollm3", architecture="SmolLM3ForCausalLM", num_kv_heads=2, nope_layers=(1,),
+        tie_word_embeddings=True, rms_norm_eps=1e-6, **TINY),
+    LlamaConfig(name="tiny-phi3", architecture="Phi3ForCausalLM", num_kv_heads=2, sliding_window=16, **TINY),
     # The embedded default run: a small Llama that learns on 2 CPU cores in minutes.
     LlamaConfig(name="small-llama", vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4,
         num_kv_heads=2, intermediate_size=768, max_seq_len=512, dtype="float32",

@@ -9,10 +9,12 @@ from zoo.hf.rules import ArchSpec, Rule, get, require, token_ids_from_hf, token_
 from zoo.models.llama.config import LlamaConfig
 
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-               "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma"}
+               "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Olmo2ForCausalLM": "olmo2",
+               "SmolLM3ForCausalLM": "smollm3", "Phi3ForCausalLM": "phi3"}
 # What transformers' config classes fall back to when config.json leaves out bos/eos/pad (others: None).
 _TOKEN_DEFAULTS = {"LlamaForCausalLM": (1, 2, None), "MistralForCausalLM": (1, 2, None),
-                   "GemmaForCausalLM": (2, 1, 0)}
+                   "GemmaForCausalLM": (2, 1, 0), "Olmo2ForCausalLM": (None, 50279, 1),
+                   "SmolLM3ForCausalLM": (128000, 128001, 128004), "Phi3ForCausalLM": (1, 32000, 32000)}
 _ACTIVATIONS_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _ACTIVATIONS_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 
@@ -55,23 +57,36 @@ def config_from_hf(hf: dict, name: str, arch: str) -> LlamaConfig:
     attention_bias = arch == "Qwen2ForCausalLM"
     require(bool(hf.get("attention_bias", attention_bias)) == attention_bias,
             f"{arch}: attention_bias={hf.get('attention_bias')} is not supported for this architecture")
-    require(not hf.get("use_sliding_window", False) or arch == "MistralForCausalLM",
+    smol, olmo = arch == "SmolLM3ForCausalLM", arch == "Olmo2ForCausalLM"
+    require(not hf.get("use_sliding_window", False) or arch in ("MistralForCausalLM", "SmolLM3ForCausalLM"),
             f"{arch}: use_sliding_window (per-layer windows) is not supported")
-    layer_types = set(hf.get("layer_types") or ["full_attention"])
-    require(layer_types <= {"full_attention"}, f"{arch}: layer_types {sorted(layer_types)} is not supported")
+    layer_types = tuple(hf.get("layer_types") or ())
+    require(set(layer_types) <= {"full_attention"} or smol, f"{arch}: layer_types {sorted(set(layer_types))} is not "
+            "supported")
+    phi3 = arch == "Phi3ForCausalLM"
+    window = hf.get("sliding_window") if arch in ("MistralForCausalLM", "Phi3ForCausalLM") or \
+        "sliding_attention" in layer_types else None
+    require(not phi3 or (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0) == 1.0,
+            f"{arch}: partial_rotary_factor < 1 (Phi-4-mini) is not supported")
+    nope = ()
     require(not hf.get("use_bidirectional_attention"), f"{arch}: use_bidirectional_attention is not supported")
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         require(hf.get(key) is None, f"{arch}: {key} is not supported")
     rope_theta, rope_scaling = _rope_from_hf(hf, arch)
     d, n = hf["hidden_size"], hf["num_attention_heads"]
+    if smol:  # no_rope_layers[i] is 1 where layer i HAS RoPE (HF's naming); default: every 4th layer has none
+        interval = get(hf, "no_rope_layer_interval", 4)
+        uses_rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(hf["num_hidden_layers"])]
+        nope = tuple(i for i, r in enumerate(uses_rope) if not r)
     return LlamaConfig(
         name=name, architecture=arch, vocab_size=hf["vocab_size"], hidden_size=d,
         num_layers=hf["num_hidden_layers"], num_heads=n, num_kv_heads=get(hf, "num_key_value_heads", n),
         head_dim=get(hf, "head_dim", d // n), intermediate_size=hf["intermediate_size"],
         max_seq_len=get(hf, "max_position_embeddings", 2048), rope_theta=rope_theta, rope_scaling=rope_scaling,
         rms_norm_eps=get(hf, "rms_norm_eps", 1e-6), tie_word_embeddings=bool(hf.get("tie_word_embeddings", is_gemma)),
-        sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
-        attention_bias=attention_bias, qk_norm=arch == "Qwen3ForCausalLM", norm_offset=is_gemma,
+        sliding_window=window, layer_types=layer_types if "sliding_attention" in layer_types else None,
+        nope_layers=nope, attention_bias=attention_bias, qk_norm=arch in ("Qwen3ForCausalLM", "Olmo2ForCausalLM"),
+        qk_norm_flat=olmo, norm_placement="post" if olmo else "pre", norm_offset=is_gemma,
         embed_scale=is_gemma, hidden_act=_ACTIVATIONS_FROM_HF[act],
         **token_ids_from_hf(hf, _TOKEN_DEFAULTS.get(arch, (None, None, None))),
     )
@@ -80,12 +95,20 @@ def config_from_hf(hf: dict, name: str, arch: str) -> LlamaConfig:
 def config_to_hf(cfg: LlamaConfig) -> dict:
     arch = cfg.architecture
     # The switches are fixed per HF class; a combination no HF class implements cannot be exported.
-    expected = dict(attention_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM",
-                    norm_offset=arch == "GemmaForCausalLM", embed_scale=arch == "GemmaForCausalLM")
+    olmo, smol = arch == "Olmo2ForCausalLM", arch == "SmolLM3ForCausalLM"
+    expected = dict(attention_bias=arch == "Qwen2ForCausalLM", qk_norm=arch in ("Qwen3ForCausalLM", "Olmo2ForCausalLM"),
+                    qk_norm_flat=olmo, norm_placement="post" if olmo else "pre",
+                    norm_offset=arch == "GemmaForCausalLM", embed_scale=arch == "GemmaForCausalLM",
+                    attn_logit_softcap=None, final_logit_softcap=None, query_pre_attn_scalar=None,
+                    rope_local_theta=None)
     for field, value in expected.items():
         require(getattr(cfg, field) == value, f"{cfg.name}: {arch} needs {field}={value}")
-    require(cfg.sliding_window is None or arch == "MistralForCausalLM",
-            f"{cfg.name}: sliding_window is only exported as MistralForCausalLM")
+    require(cfg.sliding_window is None or arch in ("MistralForCausalLM", "Phi3ForCausalLM") or
+            (smol and cfg.layer_types),
+            f"{cfg.name}: sliding_window is only exported as MistralForCausalLM (or SmolLM3 with layer_types)")
+    require(not cfg.nope_layers or smol, f"{cfg.name}: NoPE layers are only exported as SmolLM3ForCausalLM")
+    require(not olmo or cfg.head_dim * cfg.num_heads == cfg.hidden_size,
+            f"{cfg.name}: {arch} needs head_dim * num_heads == hidden_size")
     out = {
         "architectures": [arch], "model_type": MODEL_TYPES[arch],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
@@ -99,8 +122,16 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         out["attention_bias"] = False
     if arch == "LlamaForCausalLM":
         out["mlp_bias"] = False
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
         out["sliding_window"] = cfg.sliding_window
+    if arch == "Phi3ForCausalLM":
+        out["original_max_position_embeddings"] = cfg.max_seq_len
+    if arch in ("Olmo2ForCausalLM", "SmolLM3ForCausalLM"):
+        out["attention_bias"] = False
+    if smol:
+        out.update(no_rope_layers=[int(i not in cfg.nope_layers) for i in range(cfg.num_layers)],
+                   use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                   layer_types=list(cfg.layer_types or ["full_attention"] * cfg.num_layers), mlp_bias=False)
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers,
                    layer_types=["full_attention"] * cfg.num_layers)
@@ -113,22 +144,28 @@ def decoder_weights(cfg: LlamaConfig, mlp_rules: list[Rule]) -> list[Rule]:
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     L = (("i", cfg.num_layers),)
     a = "model.layers.{i}.self_attn."
+    norms = {"pre": (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")),
+             "sandwich": (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_post_norm"),
+                          ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_post_norm")),
+             "post": (("post_attention_layernorm", "attn_post_norm"), ("post_feedforward_layernorm", "mlp_post_norm")),
+             }[cfg.norm_placement]
     rules = [
         Rule("model.embed_tokens.weight", ("embed_tokens/embedding",), "copy", (v, d)),
-        Rule("model.layers.{i}.input_layernorm.weight", ("layers/attn_norm/scale",), "copy", (d,), L),
-        Rule(a + "q_proj.weight", ("layers/attn/q_proj/kernel",), "linear", (n * h, d), L),
-        Rule(a + "k_proj.weight", ("layers/attn/k_proj/kernel",), "linear", (k * h, d), L),
-        Rule(a + "v_proj.weight", ("layers/attn/v_proj/kernel",), "linear", (k * h, d), L),
+        *(Rule(f"model.layers.{{i}}.{hf}.weight", (f"layers/{ours}/scale",), "copy", (d,), L) for hf, ours in norms),
+        *([Rule(a + "qkv_proj.weight", tuple(f"layers/attn/{x}_proj/kernel" for x in "qkv"), "fused_linear",
+                ((n + 2 * k) * h, d), L)] if cfg.architecture == "Phi3ForCausalLM" else
+          [Rule(a + f"{x}_proj.weight", (f"layers/attn/{x}_proj/kernel",), "linear", (heads * h, d), L)
+           for x, heads in (("q", n), ("k", k), ("v", k))]),
         Rule(a + "o_proj.weight", ("layers/attn/o_proj/kernel",), "linear", (d, n * h), L),
-        Rule("model.layers.{i}.post_attention_layernorm.weight", ("layers/mlp_norm/scale",), "copy", (d,), L),
         *mlp_rules,
         Rule("model.norm.weight", ("norm/scale",), "copy", (d,)),
     ]
     if cfg.attention_bias:
         rules += [Rule(a + f"{x}_proj.bias", (f"layers/attn/{x}_proj/bias",), "copy", (heads * h,), L)
                   for x, heads in (("q", n), ("k", k), ("v", k))]
-    if cfg.qk_norm:
-        rules += [Rule(a + f"{x}_norm.weight", (f"layers/attn/{x}_norm/scale",), "copy", (h,), L) for x in "qk"]
+    if cfg.qk_norm:  # per head [H], or OLMo 2's over the whole projection [N*H] / [K*H]
+        rules += [Rule(a + f"{x}_norm.weight", (f"layers/attn/{x}_norm/scale",), "copy",
+                       (heads * h if cfg.qk_norm_flat else h,), L) for x, heads in (("q", n), ("k", k))]
     if not cfg.tie_word_embeddings:
         rules.append(Rule("lm_head.weight", ("lm_head/kernel",), "linear", (v, d)))
     return rules
@@ -138,11 +175,14 @@ def weights(cfg: LlamaConfig) -> list[Rule]:
     d, f = cfg.hidden_size, cfg.intermediate_size
     L = (("i", cfg.num_layers),)
     m = "model.layers.{i}.mlp."
-    return decoder_weights(cfg, [
-        Rule(m + "gate_proj.weight", ("layers/mlp/gate_proj/kernel",), "linear", (f, d), L),
-        Rule(m + "up_proj.weight", ("layers/mlp/up_proj/kernel",), "linear", (f, d), L),
-        Rule(m + "down_proj.weight", ("layers/mlp/down_proj/kernel",), "linear", (d, f), L),
-    ])
+    if cfg.architecture == "Phi3ForCausalLM":  # gate | up in one matrix
+        gate_up = [Rule(m + "gate_up_proj.weight", ("layers/mlp/gate_proj/kernel", "layers/mlp/up_proj/kernel"),
+                        "fused_linear", (2 * f, d), L)]
+    else:
+        gate_up = [Rule(m + f"{x}_proj.weight", (f"layers/mlp/{x}_proj/kernel",), "linear", (f, d), L)
+                   for x in ("gate", "up")]
+    return decoder_weights(cfg, [*gate_up, Rule(m + "down_proj.weight", ("layers/mlp/down_proj/kernel",), "linear",
+                                                 (d, f), L)])
 
 
 def decoder_spec(arch: str, config_from_hf, config_to_hf, weights) -> ArchSpec:

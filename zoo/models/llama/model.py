@@ -55,15 +55,18 @@ class Llama(nn.Module):
             x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
         x_BTD = constrain(x_BTD, ("batch", "length", "activation_embed"))
 
+        kinds, kind_ids = cfg.attention_kinds()
         blocks = scan_layers(
-            self.block_cls, cfg.num_layers, cfg.remat,
+            self.block_cls, cfg.num_layers, cfg.remat, per_layer_index=len(kinds) > 1,
             make_norm=partial(RMSNorm, cfg.rms_norm_eps, cfg.norm_offset, **kw),
             make_attention=partial(
                 SelfAttention, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                 qkv_bias=cfg.attention_bias, qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
-                rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, sliding_window=cfg.sliding_window,
-                attention_impl=cfg.attention_impl, decode=self.decode, **kw),
-            make_mlp=self.make_mlp(**kw),
+                qk_norm_offset=cfg.norm_offset, qk_norm_flat=cfg.qk_norm_flat, layer_kinds=kinds,
+                layer_kind_ids=kind_ids, attention_impl=cfg.attention_impl, decode=self.decode,
+                scale=None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5,
+                logits_soft_cap=cfg.attn_logit_softcap, **kw),
+            make_mlp=self.make_mlp(**kw), norm_placement=cfg.norm_placement,
         )
         x_BTD, outputs_L = blocks(x_BTD, positions_BT, segment_ids_BT)
         self.layer_outputs(outputs_L, segment_ids_BT)
@@ -75,4 +78,6 @@ class Llama(nn.Module):
         else:
             logits_BTV = Dense((cfg.vocab_size,), ("embed",), ("vocab",), name="lm_head", **kw)(x_BTD)
         logits_BTV = logits_BTV.astype(jnp.float32)
+        if cfg.final_logit_softcap is not None:
+            logits_BTV = cfg.final_logit_softcap * jnp.tanh(logits_BTV / cfg.final_logit_softcap)
         return constrain(logits_BTV, ("batch", "length", "activation_vocab"))

@@ -127,12 +127,12 @@ class MoEDecoderBlock(DecoderBlock):
     ids, so router statistics skip padding) and returns its router statistics per layer."""
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, layer=None):
         x_BTD = constrain(x_BTD, ("batch", "length", "activation_embed"))
-        attn = self.make_attention(name="attn")
-        x_BTD = x_BTD + attn(self.make_norm(name="attn_norm")(x_BTD), positions_BT, segment_ids_BT)
-        y_BTD, stats = self.make_mlp(name="mlp")(self.make_norm(name="mlp_norm")(x_BTD), segment_ids_BT)
-        return constrain(x_BTD + y_BTD, ("batch", "length", "activation_embed")), stats
+        x_BTD = self.attention(x_BTD, positions_BT, segment_ids_BT, layer)
+        mlp = self.make_mlp(name="mlp")
+        x_BTD, stats = self.sublayer(x_BTD, lambda h: mlp(h, segment_ids_BT), "mlp")
+        return constrain(x_BTD, ("batch", "length", "activation_embed")), stats
 
 
 def aux_losses(stats_L: dict, num_experts: int) -> dict:
