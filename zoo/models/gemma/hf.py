@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zoo.hf.rules import ArchSpec, get, require, token_ids_from_hf, token_ids_to_hf
+from zoo.hf.rules import ArchSpec, get, require, token_ids_from_hf
 from zoo.models.gemma.config import GemmaConfig, alternating
 from zoo.models.llama import hf as llama_hf
 
@@ -72,17 +72,11 @@ def config_to_hf(cfg: GemmaConfig) -> dict:
     scalar = cfg.query_pre_attn_scalar if cfg.query_pre_attn_scalar is not None else cfg.head_dim
     require(float(scalar).is_integer(), f"{cfg.name}: {arch} needs an integer query_pre_attn_scalar, got {scalar}")
     out = {
-        "architectures": [arch], "model_type": MODEL_TYPES[arch],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_norm_eps,
-        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attention_bias": False, "query_pre_attn_scalar": int(scalar),
+        **llama_hf.shape_to_hf(cfg, MODEL_TYPES[arch]),
+        "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False, "query_pre_attn_scalar": int(scalar),
         "sliding_window": cfg.sliding_window,
         "layer_types": list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
         "attn_logit_softcapping": cfg.attn_logit_softcap, "final_logit_softcapping": cfg.final_logit_softcap,
-        **token_ids_to_hf(cfg),
     }
     if arch == "Gemma2ForCausalLM":
         out["rope_parameters"] = _rope_params(cfg.rope_theta, cfg.rope_scaling)

@@ -92,6 +92,18 @@ def config_from_hf(hf: dict, name: str, arch: str) -> LlamaConfig:
     )
 
 
+def shape_to_hf(cfg: LlamaConfig, model_type: str) -> dict:
+    """The config.json fields every Llama-style decoder class shares: sizes, norms, tokens."""
+    return {
+        "architectures": [cfg.architecture], "model_type": model_type,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings, **token_ids_to_hf(cfg),
+    }
+
+
 def config_to_hf(cfg: LlamaConfig) -> dict:
     arch = cfg.architecture
     # The switches are fixed per HF class; a combination no HF class implements cannot be exported.
@@ -110,13 +122,8 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     require(not olmo or cfg.head_dim * cfg.num_heads == cfg.hidden_size,
             f"{cfg.name}: {arch} needs head_dim * num_heads == hidden_size")
     out = {
-        "architectures": [arch], "model_type": MODEL_TYPES[arch],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_norm_eps,
-        "hidden_act": _ACTIVATIONS_TO_HF[cfg.hidden_act], "tie_word_embeddings": cfg.tie_word_embeddings,
-        **_rope_to_hf(cfg), **token_ids_to_hf(cfg),
+        **shape_to_hf(cfg, MODEL_TYPES[arch]),
+        "hidden_act": _ACTIVATIONS_TO_HF[cfg.hidden_act], **_rope_to_hf(cfg),
     }
     if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM"):
         out["attention_bias"] = False
