@@ -59,7 +59,7 @@ TABLE = (
     ("gemma3-12b", "v5p:2x2x1", "fsdp=-1", 8, 4096, "full"),
     ("gemma3-27b", "v5p:2x2x2", "fsdp=-1", 8, 4096, "full"),
     ("olmo2-7b", "v5p:2x2x1", "fsdp=-1", 8, 4096, "full"),
-    ("smollm3-3b", "v6e:2x2", "fsdp=-1", 8, 4096, "full"),
+    ("smollm3-3b", "v5e:2x2", "fsdp=-1", 4, 4096, "full"),
     ("phi-3-mini", "v6e:2x2", "fsdp=-1", 8, 4096, "full"),
     ("phi-4", "v5p:2x2x1", "fsdp=-1", 8, 4096, "full"),
 )
