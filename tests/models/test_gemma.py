@@ -49,8 +49,10 @@ def test_final_logit_soft_cap_bounds_logits():
 
 
 @pytest.mark.tpu_aot
-@pytest.mark.parametrize("preset, topology", [("gemma2-2b", "v6e:2x2"), ("gemma3-1b", "v5e:2x2")])
+@pytest.mark.parametrize("preset, topology", [("gemma3-1b", "v5e:2x2")])
 def test_full_size_train_step_compiles_for_tpu_and_fits(preset, topology):
+    """One preset in CI (the local/global switch and q/k norms in the scanned step); every new
+    full-size preset is compiled by `python -m benchmarks.plan --table` (README's plan table)."""
     r = plan(zoo.config(preset, remat="full"), topology, batch_size=4, seq_len=4096)
     print(f"{preset} on {topology}: {r['hbm_bytes'] / 2**30:.1f} GiB of {r['capacity_bytes'] / 2**30:.0f} per device")
     assert r["status"] == "compiled" and r["fits"], r.get("message")
