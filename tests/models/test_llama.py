@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import zoo
-from zoo.hf.convert import config_from_hf
+from zoo.hf.convert import config_from_hf, config_to_hf
 from zoo.hf.rules import CheckpointError
 
 from hf_utils import copy_checkpoint, edit_config, make_model, random_batch, torch_logits
@@ -78,3 +78,15 @@ def test_untied_head_that_should_be_tied(hf_checkpoint, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="lm_head.weight"):
         zoo.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("preset, changes, needle", [
+    ("tiny-mistral", dict(layer_types=("sliding_attention", "full_attention")), "layer_types"),
+    ("tiny-llama", dict(rope_scaling=(8.0,)), "linear"),
+    ("tiny-mixtral", dict(nope_layers=(1,)), "NoPE"),
+    ("tiny-qwen3", dict(norm_placement="post"), "norm_placement"),
+])
+def test_switch_no_hf_class_has_is_refused_on_export(preset, changes, needle):
+    """A config the HF class cannot express is refused, not written without the switch."""
+    with pytest.raises(CheckpointError, match=needle):
+        config_to_hf(zoo.config(preset, **changes))

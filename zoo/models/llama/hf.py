@@ -119,6 +119,10 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
             (smol and cfg.layer_types),
             f"{cfg.name}: sliding_window is only exported as MistralForCausalLM (or SmolLM3 with layer_types)")
     require(not cfg.nope_layers or smol, f"{cfg.name}: NoPE layers are only exported as SmolLM3ForCausalLM")
+    require(cfg.layer_types is None or smol, f"{cfg.name}: per-layer kinds (layer_types) are only exported as "
+            "SmolLM3ForCausalLM (or a Gemma class)")
+    require(cfg.rope_scaling is None or len(cfg.rope_scaling) == 4,
+            f"{cfg.name}: {arch} exports Llama-3 rope scaling only, not linear {cfg.rope_scaling}")
     require(not olmo or cfg.head_dim * cfg.num_heads == cfg.hidden_size,
             f"{cfg.name}: {arch} needs head_dim * num_heads == hidden_size")
     out = {
