@@ -108,6 +108,12 @@ CHECKPOINTS: dict[str, Checkpoint] = {
                            not_exported=("bert.embeddings.position_ids",)),
     "bert-cls": Checkpoint("BertForSequenceClassification", "BertConfig", _BERT, damage_key="bert." + _BERT_KEY,
                            not_exported=("bert.embeddings.position_ids",)),
+    # RoBERTa / XLM-R: positions from pad_token_id + 1 (pad 1: max_position_embeddings 66 = 64 positions)
+    **{name: Checkpoint(arch, config, {**_BERT, "max_position_embeddings": 66}, damage_key=prefix + _BERT_KEY)
+       for backbone, config in (("roberta", "RobertaConfig"), ("xlmr", "XLMRobertaConfig"))
+       for name, arch, prefix in ((backbone, f"{config[:-6]}Model", ""),
+                                  (f"{backbone}-mlm", f"{config[:-6]}ForMaskedLM", "roberta."),
+                                  (f"{backbone}-cls", f"{config[:-6]}ForSequenceClassification", "roberta."))},
     "t5-v1.0": Checkpoint("T5ForConditionalGeneration", "T5Config",
                           dict(**_T5, feed_forward_proj="relu", tie_word_embeddings=True),
                           damage_key="decoder.block.2.layer.1.EncDecAttention.k.weight", matrix_std=0.15),
@@ -119,6 +125,15 @@ CHECKPOINTS: dict[str, Checkpoint] = {
                                  dict(**_T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
                                  damage_key="decoder.block.2.layer.1.EncDecAttention.k.weight", matrix_std=0.15,
                                  untie=True),
+    # mT5 (never scales the decoder output, even tied) and UMT5 (a position table in every layer)
+    "mt5": Checkpoint("MT5ForConditionalGeneration", "MT5Config",
+                      dict(**{**_T5, "vocab_size": VOCAB + 5}, feed_forward_proj="gated-gelu",
+                           tie_word_embeddings=False),
+                      damage_key="decoder.block.2.layer.1.EncDecAttention.k.weight", matrix_std=0.15, untie=True),
+    "umt5": Checkpoint("UMT5ForConditionalGeneration", "UMT5Config",
+                       dict(**_T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+                       damage_key="encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight",
+                       matrix_std=0.15),
 }
 
 

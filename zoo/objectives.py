@@ -139,12 +139,13 @@ register(Objective("clm", ("input_ids", "segment_ids", "positions"), causal_lm_l
 # packed rows (input_ids, segment_ids, positions) for every objective.
 
 
-def _require_model(model, objective: str, architecture: str | None = None) -> None:
-    """The family must support `objective`; `architecture`: the head it needs (e.g. BertForMaskedLM)."""
+def _require_model(model, objective: str, head: str | None = None) -> None:
+    """The family must support `objective`; `head`: the head it needs (BertConfig.HEADS: mlm, classify)."""
     cfg = model.cfg
     check_trains(objective, cfg)
-    if architecture and getattr(cfg, "architecture", None) != architecture:
-        raise ValueError(f"objective {objective!r} needs {architecture}; model {cfg.name!r} is "
+    if head and getattr(cfg, "head", None) != head:
+        need = cfg.with_head(head) if hasattr(cfg, "with_head") else head
+        raise ValueError(f"objective {objective!r} needs {need}; model {cfg.name!r} is "
                          f"{getattr(cfg, 'architecture', cfg.family)}")
 
 
@@ -160,8 +161,8 @@ def mask_tokens(input_ids_BT, segment_ids_BT, rng, *, vocab_size: int, mask_toke
 
 
 def masked_lm_loss(model, params, batch, rng, *, z_loss: float = 0.0):
-    """Masked LM (BertForMaskedLM): cross-entropy on the selected positions only."""
-    _require_model(model, "mlm", "BertForMaskedLM")
+    """Masked LM (*ForMaskedLM): cross-entropy on the selected positions only."""
+    _require_model(model, "mlm", "mlm")
     cfg = model.cfg
     inputs_BT, selected_BT = mask_tokens(batch["input_ids"], batch["segment_ids"], rng, vocab_size=cfg.vocab_size,
                                          mask_token_id=cfg.mask_token_id)
@@ -254,7 +255,7 @@ def classification_loss(model, params, batch, rng, *, z_loss: float = 0.0):
     along the row, only column 0 is read); rows with no real token carry no weight.
     """
     del rng
-    _require_model(model, "cls", "BertForSequenceClassification")
+    _require_model(model, "cls", "classify")
     logits_BC = model.apply({"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"])
     valid_B1 = jnp.any(batch["segment_ids"] > 0, axis=1, keepdims=True)
     return cross_entropy_sums(logits_BC[:, None, :], batch["labels"][:, :1], valid_B1, z_loss)

@@ -253,6 +253,20 @@ def test_sentencepiece_run_exports_its_eos(sentencepiece, tmp_path):
     assert transformers.AutoConfig.from_pretrained(out).eos_token_id == 3
 
 
+def test_tokenizer_keeps_the_pad_id_roberta_positions_use(sentencepiece, tmp_path):
+    """RoBERTa numbers positions from pad_token_id + 1: a tokenizer whose pad differs from the
+    config's gives bos/eos to config.json but not pad, so the export computes what the model did."""
+    cfg = zoo.config("tiny-roberta", pad_token_id=5, max_seq_len=32)
+    model = zoo.build(cfg)
+    params = jax.jit(lambda k: nn.unbox(model.init(k, jnp.ones((1, 4), jnp.int32))["params"]))(jax.random.key(0))
+    zoo.to_hf(model, params, tmp_path / "hf", tokenizer=sentencepiece)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (2, 3, 5)
+    assert config["max_position_embeddings"] == 32 + 5 + 1
+    again, again_params = zoo.from_hf(tmp_path / "hf")
+    assert again.cfg.position_offset == 6 and again.cfg.max_seq_len == 32
+
+
 @pytest.mark.torch
 def test_tokenizer_json_run_exports_its_eos(tmp_path):
     import transformers

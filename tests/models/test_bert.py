@@ -117,7 +117,7 @@ def test_clear_errors_on_bad_input():
         model.apply({"params": params}, ids, attention_mask=jnp.ones((2, 7), jnp.int32))
     with pytest.raises(ValueError, match="token_type_ids must have the shape"):
         model.apply({"params": params}, ids, token_type_ids=jnp.ones((1, 8), jnp.int32))
-    with pytest.raises(ValueError, match="max_position_embeddings"):
+    with pytest.raises(ValueError, match="exceeds the 256 positions"):
         model.apply({"params": params}, jnp.ones((1, cfg.max_seq_len + 1), jnp.int32))
     with pytest.raises(ValueError, match="architecture"):
         cfg.replace(architecture="BertForPreTraining")
@@ -168,6 +168,8 @@ def test_mlm_loss_counts_only_masked_positions():
     np.testing.assert_allclose(float(loss), float(jnp.sum(nll * selected)), rtol=1e-5)
     with pytest.raises(ValueError, match="BertForMaskedLM"):
         objectives.get("mlm").loss_fn(zoo.build(zoo.config("tiny-bert-cls")), params, batch, rng)
+    with pytest.raises(ValueError, match="XLMRobertaForMaskedLM"):
+        objectives.get("mlm").loss_fn(zoo.build(zoo.config("tiny-xlm-roberta-cls")), params, batch, rng)
 
 
 def test_classification_learns_through_the_shared_train_step():
@@ -205,3 +207,48 @@ def test_sharded_mlm_step_splits_params(sharded_step):
     # [L, D, F]: embed->fsdp, mlp->tensor; [L, D, N, H]: heads->tensor
     assert shard_shapes(params["layers"]["mlp"]["fc_in"]["kernel"]) == {(2, 32, 64)}
     assert shard_shapes(params["layers"]["attn"]["q_proj"]["kernel"]) == {(2, 32, 2, 16)}
+
+
+# --- RoBERTa / XLM-RoBERTa: positions counted after the padding id -------------------------
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", ["roberta-mlm", "xlmr-cls"])
+def test_roberta_left_padding_matches_pytorch(hf_checkpoint, name):
+    """Left-padded rows (pad ids in front, as a tokenizer pads left): position ids restart after
+    the padding, as HF computes them from the ids; 0-based positions would not match."""
+    hf, path = hf_checkpoint(name)
+    model, params = zoo.from_hf(path)
+    pad = model.cfg.pad_token_id
+    assert pad == 1 and model.cfg.position_offset == 2 and model.cfg.max_seq_len == 64
+    rng = np.random.default_rng(5)
+    ids = rng.integers(3, 256, size=(3, 14))
+    mask = np.ones_like(ids)
+    for b, n in ((1, 4), (2, 9)):
+        ids[b, :n], mask[b, :n] = pad, 0
+    expected = torch_outputs(hf, {"input_ids": ids, "attention_mask": mask})[0]
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
+    real = mask.astype(bool) if ours.ndim == 3 else np.ones(3, bool)
+    err = float(np.abs(ours - expected)[real].max())
+    assert err <= 1e-4, err
+    zero_based = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                                        positions=jnp.broadcast_to(jnp.arange(14), (3, 14))))
+    assert float(np.abs(zero_based - expected)[real].max()) > 1e-2
+
+
+def test_roberta_packed_row_equals_its_documents_alone():
+    """Packed training rows (positions restart per document, segment ids) give each document
+    the outputs it has alone, RoBERTa's position offset included."""
+    cfg = zoo.config("tiny-roberta")
+    model = zoo.build(cfg)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(4, 512, size=7), rng.integers(4, 512, size=5)
+    params = model.init(jax.random.key(0), jnp.ones((1, 12), jnp.int32))["params"]
+    row = jnp.asarray(np.concatenate([a, b])[None])
+    packed = model.apply({"params": params}, row, positions=jnp.asarray([list(range(7)) + list(range(5))]),
+                         segment_ids=jnp.asarray([[1] * 7 + [2] * 5]))
+    alone_a = model.apply({"params": params}, jnp.asarray(a[None]))
+    alone_b = model.apply({"params": params}, jnp.asarray(b[None]))
+    np.testing.assert_allclose(np.asarray(packed[0, :7]), np.asarray(alone_a[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(packed[0, 7:]), np.asarray(alone_b[0]), atol=1e-5)
+    assert cfg.position_offset == 1  # pad 0: positions start at 1

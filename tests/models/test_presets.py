@@ -39,10 +39,23 @@ PUBLISHED = {
     "qwen3-30b-a3b": 30.532e9,
     "bert-base": 109.48e6,
     "bert-large": 335.14e6,
+    # the hub's safetensors counts of the MLM checkpoints (model cards round them to 125M/355M/279M/561M)
+    "roberta-base": 124.70e6,
+    "roberta-large": 355.41e6,
+    "xlm-roberta-base": 278.30e6,
+    "xlm-roberta-large": 560.14e6,
     "t5-small": 60.51e6,
     "t5-base": 222.90e6,
     "t5-large": 737.67e6,
     "flan-t5-base": 247.58e6,
+    # the hub's safetensors counts (mT5 paper: 300M / 580M / 1.2B / 3.7B)
+    "mt5-small": 300.18e6,
+    "mt5-base": 582.40e6,
+    "mt5-large": 1229.6e6,
+    "mt5-xl": 3742.6e6,
+    "umt5-small": 306.60e6,
+    "umt5-base": 592.04e6,
+    "umt5-xl": 3768.4e6,
 }
 # Gemma 3 4B and up are published with their vision tower; the text model's figure is the
 # technical report's non-embedding count (Table 1, millions) plus the V x D embedding.

@@ -189,21 +189,23 @@ def test_sharded_span_step_splits_params(sharded_step):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("variant", ["t5-v1.0", "t5-v1.1-untied"])
+@pytest.mark.parametrize("variant", ["t5-v1.0", "t5-v1.1-untied", "mt5", "umt5"])
 def test_greedy_generate_matches_hf(variant, tmp_path):
-    """zoo.generate on T5: input_ids feed the encoder; greedy tokens equal HF's generate."""
+    """zoo.generate on T5, mT5 and UMT5: input_ids feed the encoder (here left-padded);
+    20 greedy tokens equal HF's generate."""
     import torch
 
     hf = make_model(variant, seed=4)
     save(hf, tmp_path)
     model, params = zoo.from_hf(tmp_path)
     inputs = model_inputs("encoder-decoder", seed=5)[0]
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    ids, mask = inputs["input_ids"], np.ones_like(inputs["attention_mask"])
+    mask[1, :4], mask[2, :7] = 0, 0
     with torch.no_grad():
         expected = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                               max_new_tokens=8, do_sample=False,
+                               max_new_tokens=20, do_sample=False,
                                use_cache=False).numpy()[:, 1:]  # (HF's cache assumes equal depths); drop start
-    ours = np.asarray(zoo.generate(model, params, ids, mask, max_new_tokens=8))
-    assert ours.shape == (3, 8)
+    ours = np.asarray(zoo.generate(model, params, ids, mask, max_new_tokens=20))
+    assert ours.shape == (3, 20)
     np.testing.assert_array_equal(ours[:, :expected.shape[1]], expected)
     assert (ours[:, expected.shape[1]:] == 0).all()  # HF stops early only when every row hit eos

@@ -296,7 +296,9 @@ def to_hf(model: nn.Module, params, out_dir, *, tokenizer=None, side_files_from=
     names: dict[str, str] = {}
     if use_tokenizer:
         ids, names = _tokenizer_specials(tokenizer)
-        hf_config.update(ids)
+        # Except ids the model's forward depends on (RoBERTa's positions start after pad):
+        # those stay the config's, so the export computes what the model computed.
+        hf_config.update({k: v for k, v in ids.items() if k not in getattr(cfg, "model_token_ids", ())})
         # The tokenizer's files replace the source's; its ids replace those of a copied generation config.
         copied = [n for n in copied if n in ("generation_config.json", "chat_template.jinja", "chat_template.json")]
     flat = {"/".join(p.key for p in path): x

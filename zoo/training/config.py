@@ -92,7 +92,9 @@ class TrainConfig:
                                  "missing")
     seq_len: int = flag("data", 256, "tokens per packed row", type=positive_int)
     batch_size: int = flag("data", 8, "global batch size in rows", type=positive_int)
-    objective: str = flag("data", "clm", "training objective", choices=lambda: sorted(OBJECTIVES))  # read per parse
+    objective: str | None = flag("data", None, "training objective (default: the model family's pretraining "
+                                 "objective: clm for decoders, mlm for BERT/RoBERTa, span for T5)",
+                                 choices=lambda: sorted(OBJECTIVES))  # read per parse
     # optimisation
     steps: int = flag("optim", 200, "total optimizer steps", type=positive_int)
     lr: float | None = flag("optim", None, "peak learning rate (default: 5e-3 for pretraining; fine-tuning a trained "
@@ -185,6 +187,14 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_model_objective(self, cfg) -> TrainConfig:
+        """--objective as given, or the pretraining objective of `cfg`'s family (zoo.registry)."""
+        if self.objective is not None:
+            return self
+        from zoo import registry  # the registry imports every family; config stays light to import
+
+        return self.replace(objective=registry.of(cfg).objectives[0])
 
     def finish(self) -> TrainConfig:
         """Derived defaults (lr per task, fine-tuning's --out, --topology => --compile-only), absolute

@@ -90,8 +90,8 @@ def prepare(config: TrainConfig) -> dict:
     limit = min(config.seq_len, cfg.max_seq_len)
     if task == "classify":
         if "classify" not in registry.of(cfg).tasks:
-            raise UsageError(f"--task classify fine-tunes BERT-family encoders (BertModel, BertForMaskedLM, "
-                             f"BertForSequenceClassification); {arch} has no classification head in the zoo")
+            raise UsageError(f"--task classify fine-tunes BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa); "
+                             f"{arch} has no classification head in the zoo")
         labels = np.asarray([r["label"] for r in train_records + eval_records])
         where = train_where + eval_where
         if labels.min() < 0:
@@ -100,7 +100,7 @@ def prepare(config: TrainConfig) -> dict:
         train_labels = labels[: len(train_records)]
         if config.num_labels:
             num_labels = config.num_labels
-        elif arch == "BertForSequenceClassification":
+        elif getattr(cfg, "head", None) == "classify":
             num_labels = cfg.num_labels
         else:  # a fresh head: as many classes as the training set has (a dev set may not widen it)
             num_labels = max(int(train_labels.max()) + 1, 2)
@@ -113,7 +113,7 @@ def prepare(config: TrainConfig) -> dict:
             i = int(np.argmax(labels))
             raise UsageError(f"{where[i]}: label {labels[i]} is out of range for {num_labels} classes (the "
                              "model's classifier); pass --num-labels")
-        cfg = cfg.replace(architecture="BertForSequenceClassification", num_labels=num_labels)
+        cfg = cfg.replace(architecture=cfg.with_head("classify"), num_labels=num_labels)
         train_rows = [data.frame(tok, cfg, r["text"], limit) for r in train_records]
         eval_rows = [data.frame(tok, cfg, r["text"], limit) for r in eval_records]
         seq_len = max(len(r) for r in train_rows)

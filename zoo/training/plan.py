@@ -287,7 +287,7 @@ def compile_only(args: TrainConfig) -> dict | int:
             if not str(args.vocab_size).isdigit() or int(args.vocab_size) <= 0:
                 raise PlanError("--compile-only takes a numeric --vocab-size (no tokenizer is loaded)")
             cfg = cfg.replace(vocab_size=int(args.vocab_size))
-        opt = args.optim()
+        opt, args = args.optim(), args.with_model_objective(cfg)
         result = plan(cfg, args.topology, mesh=args.mesh, batch_size=args.batch_size, seq_len=args.seq_len,
                       objective=args.objective, grad_accum=args.grad_accum, z_loss=args.z_loss, opt=opt)
     except (UsageError, PlanError) as e:

@@ -104,6 +104,7 @@ def _documents(paths, config: TrainConfig, flag: str):
 def resolve_inputs(config: TrainConfig):
     """Validates flags and inputs (no compilation): (cfg, mesh, source, eval source, tokenizer or None)."""
     cfg = load_model_config(config.model, config.model_overrides())
+    config = config.with_model_objective(cfg)
     check_objective(cfg, config.objective)
     objective = objectives.get(config.objective)
     missing = [f for f in objective.fields if f not in data.BATCH_FIELDS]
@@ -262,6 +263,7 @@ class PretrainHooks(Hooks):
 def run(config: TrainConfig) -> dict:
     """Pretrains as `config` says; returns the summary (UsageError / NonFiniteStop on failure)."""
     cfg, mesh, source, eval_source, tokenizer = resolve_inputs(config)
+    config = config.with_model_objective(cfg)
     with run_dir.run_dir(config.out, jax.process_index() == 0):
         return _run_locked(config, cfg, mesh, source, eval_source, tokenizer)
 

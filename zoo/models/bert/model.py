@@ -1,6 +1,9 @@
-"""BERT: learned absolute positions and token types, post-LayerNorm encoder blocks,
-exact-erf GELU, and the three HF heads (BertModel, BertForMaskedLM,
-BertForSequenceClassification), chosen by `BertConfig.architecture`.
+"""BERT and RoBERTa / XLM-RoBERTa: learned absolute positions and token types,
+post-LayerNorm encoder blocks, exact-erf GELU, and the three HF heads (*Model,
+*ForMaskedLM, *ForSequenceClassification), chosen by `BertConfig.architecture`.
+
+RoBERTa differs only in its position ids: real tokens count from pad_token_id + 1,
+tokens equal to pad_token_id get pad_token_id (HF's create_position_ids_from_input_ids).
 
 Padding follows HF exactly: an attention_mask hides padded *keys*, while padded
 queries still attend to the real tokens (their outputs are computed, not zeroed).
@@ -51,10 +54,11 @@ def _square(features: int, name: str, kw: dict) -> Dense:
 class Bert(nn.Module):
     """`apply(params, input_ids, attention_mask=None, token_type_ids=None, *, positions, segment_ids)`.
 
-    Returns last_hidden_state [B, T, D] (BertModel; with `return_pooled=True` the pair
-    (last_hidden_state, pooler_output)), MLM logits [B, T, V] (BertForMaskedLM) or
-    class logits [B, num_labels] (BertForSequenceClassification). `positions` and
-    `segment_ids` serve packed training rows; they default to 0..T-1 and the mask.
+    Returns last_hidden_state [B, T, D] (*Model; with `return_pooled=True` the pair
+    (last_hidden_state, pooler_output)), MLM logits [B, T, V] (*ForMaskedLM) or
+    class logits [B, num_labels] (*ForSequenceClassification). `positions` (0-based
+    within each document) and `segment_ids` serve packed training rows; they default
+    to 0..T-1 (RoBERTa: counted over the non-pad ids) and the mask.
     """
 
     cfg: BertConfig
@@ -67,14 +71,19 @@ class Bert(nn.Module):
                      positions=positions, segment_ids=segment_ids)
         b, t = input_ids.shape
         if t > cfg.max_seq_len:
-            raise ValueError(f"{cfg.name}: input length {t} exceeds max_position_embeddings={cfg.max_seq_len}")
+            raise ValueError(f"{cfg.name}: input length {t} exceeds the {cfg.max_seq_len} positions of the model")
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        positions_BT = default_positions(input_ids) if positions is None else positions
+        if cfg.position_offset and positions is None:  # RoBERTa: from the ids, as fairseq and HF
+            real_BT = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+            positions_BT = jnp.cumsum(real_BT, axis=1) * real_BT + cfg.pad_token_id
+        else:
+            positions_BT = (default_positions(input_ids) if positions is None else positions) + cfg.position_offset
         types_BT = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
 
         word = Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings", **kw)
+        position_rows = cfg.max_seq_len + cfg.position_offset
         x_BTD = (word(input_ids)
-                 + Embed(cfg.max_seq_len, cfg.hidden_size, axes=("positions", "embed"), name="position_embeddings",
+                 + Embed(position_rows, cfg.hidden_size, axes=("positions", "embed"), name="position_embeddings",
                          **kw)(positions_BT)
                  + Embed(cfg.type_vocab_size, cfg.hidden_size, axes=(None, "embed"), name="token_type_embeddings",
                          **kw)(types_BT))
@@ -84,7 +93,7 @@ class Bert(nn.Module):
         x_BTD, _ = layers(x_BTD, encoder_segment_ids(attention_mask, segment_ids, b, t))
         x_BTD = constrain(x_BTD, ("batch", "length", "activation_embed"))
 
-        if cfg.architecture == "BertForMaskedLM":
+        if cfg.head == "mlm":
             h_BTD = jax.nn.gelu(_square(cfg.hidden_size, "mlm_dense", kw)(x_BTD), approximate=False)
             h_BTD = LayerNorm(cfg.layer_norm_eps, name="mlm_norm", **kw)(h_BTD)
             mlm_bias = self.param("mlm_bias", param_with_axes(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
@@ -93,7 +102,7 @@ class Bert(nn.Module):
             return constrain(logits_BTV, ("batch", "length", "activation_vocab"))
 
         pooled_BD = jnp.tanh(_square(cfg.hidden_size, "pooler", kw)(x_BTD[:, 0]))
-        if cfg.architecture == "BertForSequenceClassification":
+        if cfg.head == "classify":
             classifier = Dense((cfg.num_labels,), ("embed",), ("classes",), use_bias=True, name="classifier", **kw)
             return classifier(pooled_BD).astype(jnp.float32)
         return (x_BTD, pooled_BD) if return_pooled else x_BTD

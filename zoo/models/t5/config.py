@@ -10,20 +10,26 @@ from zoo.configs import TINY, ModelConfig
 
 @dataclass(frozen=True, kw_only=True)
 class T5Config(ModelConfig):
-    """T5 encoder-decoder: relative position buckets, RMS layer norm, no attention scaling.
+    """T5, mT5 and UMT5 encoder-decoders: relative position buckets, RMS layer norm, no
+    attention scaling.
 
     v1.0: feed_forward_proj="relu", tied head with the decoder output scaled by
     hidden_size**-0.5. v1.1 / Flan: "gated-gelu" (tanh GELU) and an untied lm_head.
     scale_decoder_outputs defaults to tie_word_embeddings (the rule of the original
     T5 code); transformers>=5 saves v1.1 models tied but unscaled, so it is separate.
+    mT5 (`architecture="MT5ForConditionalGeneration"`) is v1.1 with a 250k vocabulary and
+    never scales its decoder output; UMT5 gives every layer's self-attention its own
+    relative-position table (T5 and mT5 share the first layer's across the stack).
     num_layers counts encoder blocks; num_decoder_layers 0 means the same number.
     `max_seq_len` only bounds training lengths (T5 has no position table).
     """
 
     family: ClassVar[str] = "t5"
-    hf_architecture: ClassVar[str] = "T5ForConditionalGeneration"
     FEED_FORWARD: ClassVar[tuple[str, ...]] = ("relu", "gated-gelu")
+    ARCHITECTURES: ClassVar[tuple[str, ...]] = ("T5ForConditionalGeneration", "MT5ForConditionalGeneration",
+                                                "UMT5ForConditionalGeneration")
 
+    architecture: str = "T5ForConditionalGeneration"
     num_decoder_layers: int = 0
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
@@ -44,8 +50,14 @@ class T5Config(ModelConfig):
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
         if not self.first_sentinel_id:
             object.__setattr__(self, "first_sentinel_id", self.vocab_size - 1)
+        if self.architecture not in self.ARCHITECTURES:
+            raise ValueError(f"{self.name}: architecture {self.architecture!r} is not one of {self.ARCHITECTURES}")
+        mt5 = self.architecture == "MT5ForConditionalGeneration"
         if self.scale_decoder_outputs is None:
-            object.__setattr__(self, "scale_decoder_outputs", self.tie_word_embeddings)
+            object.__setattr__(self, "scale_decoder_outputs", self.tie_word_embeddings and not mt5)
+        if mt5 and self.scale_decoder_outputs:
+            raise ValueError(f"{self.name}: MT5ForConditionalGeneration never scales the decoder output "
+                             "(scale_decoder_outputs must be False)")
         if self.feed_forward_proj not in self.FEED_FORWARD:
             raise ValueError(f"{self.name}: feed_forward_proj must be one of {self.FEED_FORWARD}, "
                              f"got {self.feed_forward_proj!r}")
@@ -55,6 +67,15 @@ class T5Config(ModelConfig):
             raise ValueError(f"{self.name}: relative_attention_num_buckets must be >= 4 and max_distance positive")
         if not 0 < self.first_sentinel_id < self.vocab_size:
             raise ValueError(f"{self.name}: first_sentinel_id={self.first_sentinel_id} is outside the vocabulary")
+
+    @property
+    def hf_architecture(self) -> str:  # type: ignore[override]
+        return self.architecture
+
+    @property
+    def relative_bias_per_layer(self) -> bool:
+        """UMT5: each layer's self-attention has its own relative-position table."""
+        return self.architecture == "UMT5ForConditionalGeneration"
 
     @property
     def mlp_matrices(self) -> int:  # type: ignore[override]
@@ -72,6 +93,9 @@ class T5Config(ModelConfig):
 
 
 _T5 = dict(vocab_size=32128, head_dim=64, max_seq_len=512, first_sentinel_id=32099)
+_V11 = dict(head_dim=64, max_seq_len=1024, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+_MT5 = dict(architecture="MT5ForConditionalGeneration", vocab_size=250112, first_sentinel_id=250099, **_V11)
+_UMT5 = dict(architecture="UMT5ForConditionalGeneration", vocab_size=256384, **_V11)
 
 PRESETS = (
     # T5 v1.0 (tied, ReLU) and Flan-T5 (v1.1: gated-GELU, untied); vocab 32128, sentinels from 32099.
@@ -80,6 +104,19 @@ PRESETS = (
     T5Config(name="t5-large", hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, **_T5),
     T5Config(name="flan-t5-base", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048,
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, **_T5),
+    # mT5 (250,112 ids) and UMT5 (256,384 ids): v1.1 shapes, untied, sentinels count down from the
+    # last id. The hub's counts: mt5-small 300M, -base 582M, -large 1.23B, -xl 3.74B; umt5 as listed.
+    T5Config(name="mt5-small", hidden_size=512, num_layers=8, num_heads=6, intermediate_size=1024, **_MT5),
+    T5Config(name="mt5-base", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048, **_MT5),
+    T5Config(name="mt5-large", hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=2816, **_MT5),
+    T5Config(name="mt5-xl", hidden_size=2048, num_layers=24, num_heads=32, intermediate_size=5120, **_MT5),
+    T5Config(name="umt5-small", hidden_size=512, num_layers=8, num_heads=6, intermediate_size=1024, **_UMT5),
+    T5Config(name="umt5-base", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048, **_UMT5),
+    T5Config(name="umt5-xl", hidden_size=2048, num_layers=24, num_heads=32, intermediate_size=5120, **_UMT5),
     T5Config(name="tiny-t5", **TINY),
     T5Config(name="tiny-t5-v1.1", feed_forward_proj="gated-gelu", tie_word_embeddings=False, **TINY),
+    T5Config(name="tiny-mt5", architecture="MT5ForConditionalGeneration", feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, **TINY),
+    T5Config(name="tiny-umt5", architecture="UMT5ForConditionalGeneration", feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, **TINY),
 )

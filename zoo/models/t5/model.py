@@ -5,7 +5,9 @@ no bias) and unscaled attention (scale=1.0).
 v1.0 uses a ReLU MLP and an LM head tied to the shared embedding, with the decoder
 output scaled by hidden_size**-0.5 first; v1.1 / Flan-T5 use gated tanh-GELU and an
 untied head. Each stack owns one relative-attention table, computed once before the
-layer scan and shared by every layer (HF stores it in block 0). Attention that takes
+layer scan and shared by every layer (HF stores it in block 0); UMT5 gives each layer's
+self-attention its own table (scanned with the layer). mT5 is v1.1 that never scales the
+decoder output. Attention that takes
 the position bias runs with implementation="xla" explicitly: the fused kernels take
 no additive bias and nothing falls back silently. Dropout is not modelled.
 """
@@ -59,17 +61,30 @@ def shift_right(ids_BT, start_id: int):
     return jnp.concatenate([jnp.full_like(ids_BT[:, :1], start_id), ids_BT[:, :-1]], axis=1)
 
 
+def position_bias(module: nn.Module, cfg: T5Config, bucket_TS) -> jnp.ndarray:
+    """The module's relative-attention table [buckets, N] looked up at bucket_TS: [1, N, T, S] float32."""
+    table_bN = module.param("relative_attention_bias", param_with_axes(default_init, ("relpos_buckets", "heads")),
+                            (cfg.relative_attention_num_buckets, cfg.num_heads), jnp.dtype(cfg.param_dtype))
+    return jnp.take(table_bN.astype(jnp.float32), bucket_TS, axis=0).transpose(2, 0, 1)[None]
+
+
 class T5Attention(nn.Module):
-    """Attention of queries from x over keys/values from kv (x itself for self-attention)."""
+    """Attention of queries from x over keys/values from kv (x itself for self-attention).
+
+    `bias_1NTS` is the stack's position bias, or (own_table: UMT5) the bucket ids [T, S]
+    that this attention looks up in its own table."""
 
     cfg: T5Config
     causal: bool = False
+    own_table: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, kv_BSD, bias_1NTS, segment_ids):
         cfg = self.cfg
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         n, h = cfg.num_heads, cfg.head_dim
+        if self.own_table:
+            bias_1NTS = position_bias(self, cfg, bias_1NTS)
         q_BTNH = Dense((n, h), ("embed",), ("heads", "head_dim"), name="q_proj", **kw)(x_BTD)
         k_BSNH = Dense((n, h), ("embed",), ("kv_heads", "head_dim"), name="k_proj", **kw)(kv_BSD)
         v_BSNH = Dense((n, h), ("embed",), ("kv_heads", "head_dim"), name="v_proj", **kw)(kv_BSD)
@@ -97,7 +112,8 @@ class T5EncoderLayer(nn.Module):
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         x_BTD = constrain(x_BTD, ("batch", "length", "activation_embed"))
         h_BTD = RMSNorm(cfg.layer_norm_epsilon, name="self_attn_norm", **kw)(x_BTD)
-        x_BTD = x_BTD + T5Attention(cfg, name="self_attn")(h_BTD, h_BTD, bias_1NTS, segment_ids)
+        attn = T5Attention(cfg, own_table=cfg.relative_bias_per_layer, name="self_attn")
+        x_BTD = x_BTD + attn(h_BTD, h_BTD, bias_1NTS, segment_ids)
         x_BTD = x_BTD + _mlp(cfg, kw)(RMSNorm(cfg.layer_norm_epsilon, name="mlp_norm", **kw)(x_BTD))
         return constrain(x_BTD, ("batch", "length", "activation_embed")), None
 
@@ -113,7 +129,8 @@ class T5DecoderLayer(nn.Module):
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         y_BTD = constrain(y_BTD, ("batch", "length", "activation_embed"))
         h_BTD = RMSNorm(cfg.layer_norm_epsilon, name="self_attn_norm", **kw)(y_BTD)
-        y_BTD = y_BTD + T5Attention(cfg, causal=True, name="self_attn")(h_BTD, h_BTD, bias_1NTT, self_ids)
+        attn = T5Attention(cfg, causal=True, own_table=cfg.relative_bias_per_layer, name="self_attn")
+        y_BTD = y_BTD + attn(h_BTD, h_BTD, bias_1NTT, self_ids)
         h_BTD = RMSNorm(cfg.layer_norm_epsilon, name="cross_attn_norm", **kw)(y_BTD)
         y_BTD = y_BTD + T5Attention(cfg, name="cross_attn")(h_BTD, enc_BSD, None, cross_ids)
         y_BTD = y_BTD + _mlp(cfg, kw)(RMSNorm(cfg.layer_norm_epsilon, name="mlp_norm", **kw)(y_BTD))
@@ -130,13 +147,13 @@ class T5Stack(nn.Module):
     def __call__(self, x_BTD, segment_ids, enc_BSD=None, cross_ids=None):
         cfg = self.cfg
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        table_bN = self.param("relative_attention_bias", param_with_axes(default_init, ("relpos_buckets", "heads")),
-                              (cfg.relative_attention_num_buckets, cfg.num_heads), kw["param_dtype"])
         t = x_BTD.shape[1]
         bucket_TT = relative_position_buckets(t, t, bidirectional=not self.decoder,
                                               num_buckets=cfg.relative_attention_num_buckets,
                                               max_distance=cfg.relative_attention_max_distance)
-        bias_1NTT = jnp.take(table_bN.astype(jnp.float32), bucket_TT, axis=0).transpose(2, 0, 1)[None]
+        # UMT5: every layer looks the buckets up in its own table; T5: one bias for the stack
+        bias_1NTT = (jnp.asarray(bucket_TT, jnp.int32) if cfg.relative_bias_per_layer
+                     else position_bias(self, cfg, bucket_TT))
         if self.decoder:
             layers = scan_layers(T5DecoderLayer, cfg.num_decoder_layers, cfg.remat, cfg=cfg)
             x_BTD, _ = layers(x_BTD, enc_BSD, bias_1NTT, segment_ids, cross_ids)
