@@ -42,7 +42,7 @@ IMPLEMENTATIONS = ("xla", "pallas", "pallas_triton", "cudnn")
 
 
 def attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
-              sliding_window=None, logits_soft_cap=None, bias=None,
+              sliding_window=None, logits_soft_cap=None, bias=None, sinks=None,
               implementation=None, mesh=None):
     """Multi-head attention with GQA/MQA, packing, causal/sliding-window masks.
 
@@ -55,6 +55,9 @@ def attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
       sliding_window: W; query i sees keys j with i - W < j <= i.
       logits_soft_cap: c; scaled logits x become c * tanh(x / c).
       bias: additive logits bias broadcastable to [B, N, T, S] ("xla" only).
+      sinks: float [N]: a learned logit per query head that joins every row's softmax with no
+        value (takes probability mass only; GPT-OSS). Differentiable; every implementation
+        but "cudnn" takes it.
       implementation: None, "xla", "pallas", "pallas_triton" or "cudnn" (see the module docstring).
       mesh: the mesh to shard the kernel over; default the mesh in context
         (`jax.sharding.get_abstract_mesh()`), if any.
@@ -68,21 +71,22 @@ def attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
     q_ids, kv_ids, options = base.validate(
         q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, bias=bias)
+    sinks = base.validate_sinks(sinks, q.shape[2])
     if implementation == "xla" or (implementation is None and bias is not None):
-        return reference.attend(q, k, v, q_ids, kv_ids, options, bias)
+        return reference.attend(q, k, v, q_ids, kv_ids, options, bias, sinks)
     if bias is not None:
         raise NotImplementedError(
             f"implementation={implementation!r} does not take an additive bias; "
             "use implementation='xla' (or None) for biased attention")
     if implementation == "cudnn":
-        _check_cudnn(q, k, q_ids, options)
+        _check_cudnn(q, k, q_ids, options, sinks)
         kernel = functools.partial(_cudnn_for_platform, options=options)
     else:
         kernel = functools.partial(_kernel_for_platform, implementation, options=options)
-    return sharding.sharded(kernel, q, k, v, q_ids, kv_ids, mesh)
+    return sharding.sharded(kernel, q, k, v, q_ids, kv_ids, mesh, sinks=sinks)
 
 
-def _kernel_for_platform(implementation, q, k, v, q_ids, kv_ids, *, options):
+def _kernel_for_platform(implementation, q, k, v, q_ids, kv_ids, sinks=None, *, options):
     """The Pallas kernel (or, for implementation=None off TPU/CUDA, the reference)."""
 
     def branch(fn, what, **kwargs):
@@ -90,7 +94,7 @@ def _kernel_for_platform(implementation, q, k, v, q_ids, kv_ids, *, options):
         # (e.g. the GPU kernel's head_dim limit) must only fail if it is lowered.
         def traced():
             try:
-                return fn(q, k, v, q_ids, kv_ids, options, **kwargs)
+                return fn(q, k, v, q_ids, kv_ids, options, sinks=sinks, **kwargs)
             except (ValueError, NotImplementedError) as e:
                 return _fail_at_lowering(q, f"{what} cannot serve this call: {e}")
         return traced
@@ -105,29 +109,35 @@ def _kernel_for_platform(implementation, q, k, v, q_ids, kv_ids, *, options):
     if implementation == "pallas":
         default = branch(tpu.flash_attention, "the Pallas kernel in interpret mode", interpret=True)
     else:
-        default = branch(reference.attend, "the reference")
+        default = branch(_reference, "the reference")
     cuda = branch(_mosaic_gpu, "the Mosaic GPU kernel (kernels/gpu_mosaic.py)")
     return jax.lax.platform_dependent(tpu=mosaic, cuda=cuda, default=default)
 
 
-def _mosaic_gpu(q, k, v, q_ids, kv_ids, options):
+def _reference(q, k, v, q_ids, kv_ids, options, sinks=None):
+    return reference.attend(q, k, v, q_ids, kv_ids, options, None, sinks)
+
+
+def _mosaic_gpu(q, k, v, q_ids, kv_ids, options, sinks=None):
     gpu_mosaic.check_device()
-    return gpu_mosaic.flash_attention(q, k, v, q_ids, kv_ids, options)
+    return gpu_mosaic.flash_attention(q, k, v, q_ids, kv_ids, options, sinks=sinks)
 
 
-def _triton(q, k, v, q_ids, kv_ids, options, interpret=False):
+def _triton(q, k, v, q_ids, kv_ids, options, sinks=None, interpret=False):
     if gpu_triton is None:
         raise NotImplementedError(f"the installed jax ({jax.__version__}) has no Pallas Triton backend; "
                                   "use implementation='pallas' (Hopper+) or 'xla'")
-    return gpu_triton.flash_attention(q, k, v, q_ids, kv_ids, options, interpret=interpret)
+    return gpu_triton.flash_attention(q, k, v, q_ids, kv_ids, options, interpret=interpret, sinks=sinks)
 
 
-def _unavailable(q, k, v, q_ids, kv_ids, options, message):
+def _unavailable(q, k, v, q_ids, kv_ids, options, message, sinks=None):
     raise NotImplementedError(message)
 
 
-def _check_cudnn(q, k, q_ids, options):
+def _check_cudnn(q, k, q_ids, options, sinks=None):
     """Raise for what jax.nn.dot_product_attention's cuDNN path cannot express."""
+    if sinks is not None:
+        raise NotImplementedError("implementation='cudnn' has no attention sinks; use 'pallas' or 'xla'")
     if options.logits_soft_cap is not None:
         raise NotImplementedError("implementation='cudnn' has no logits soft cap; use 'pallas'")
     if q_ids is not None:
@@ -139,8 +149,8 @@ def _check_cudnn(q, k, q_ids, options):
             "with causal=True needs 'pallas' or 'xla'")
 
 
-def _cudnn_for_platform(q, k, v, q_ids, kv_ids, *, options):
-    del q_ids, kv_ids  # rejected by _check_cudnn
+def _cudnn_for_platform(q, k, v, q_ids, kv_ids, sinks=None, *, options):
+    del q_ids, kv_ids, sinks  # rejected by _check_cudnn
     window = options.sliding_window
 
     def cudnn():

@@ -119,6 +119,49 @@ def validate(q, k, v, *, causal=False, segment_ids=None, scale=None, sliding_win
     return q_ids, kv_ids, options
 
 
+def validate_sinks(sinks, num_heads: int):
+    """Checks `sinks` (None, or one float logit per query head, [N]); returns it or None."""
+    if sinks is None:
+        return None
+    if getattr(sinks, "ndim", None) != 1 or sinks.shape[0] != num_heads:
+        raise ValueError(f"sinks must be one logit per query head, shape ({num_heads},); "
+                         f"got {getattr(sinks, 'shape', type(sinks))}")
+    if not jnp.issubdtype(sinks.dtype, jnp.floating):
+        raise ValueError(f"sinks must be floating point, got {sinks.dtype}")
+    return sinks
+
+
+# Attention sinks on a flash kernel's output: the sink s_n of query head n is one more logit
+# with no value, so it only adds exp(s_n) to the softmax denominator. From a kernel's output
+# o and row log-sum-exp lse over the kept keys: o' = o * w with w = exp(lse) / (exp(lse) +
+# exp(s)), lse' = logaddexp(lse, s). The flash backward run on (o', lse', do) is then exactly
+# the gradient of the sink attention in q, k, v (the sink column has no value, so
+# delta = rowsum(do * o') is its softmax correction unchanged), and d/ds = -sum p_sink * delta.
+# `base2`: the kernel keeps lse in base 2 (logits scaled by log2(e)).
+
+
+def _sink_logits(sinks_N, base2: bool):
+    return (sinks_N.astype(jnp.float32) * (LOG2_E if base2 else 1.0))[None, :, None]
+
+
+def apply_sinks(lse_BNT, sinks_N, *, base2: bool):
+    """(w [B, N, T], lse' [B, N, T]): the weight that scales each output row, and the row
+    log-sum-exp with the sink (same base as lse)."""
+    s = _sink_logits(sinks_N, base2)
+    if base2:
+        lse_new = jnp.logaddexp2(lse_BNT, s)
+        return jnp.exp2(lse_BNT - lse_new), lse_new
+    lse_new = jnp.logaddexp(lse_BNT, s)
+    return jnp.exp(lse_BNT - lse_new), lse_new
+
+
+def sinks_grad(sinks_N, lse_BNT, delta_BNT, *, base2: bool):
+    """dL/d(sinks) [N] from lse' (with the sink) and delta = rowsum(do * o')."""
+    s = _sink_logits(sinks_N, base2)
+    p_sink = jnp.exp2(s - lse_BNT) if base2 else jnp.exp(s - lse_BNT)
+    return (-jnp.sum(p_sink * delta_BNT, axis=(0, 2))).astype(sinks_N.dtype)
+
+
 # ----------------------------------------------------------------------------
 # Block sizes and the static configuration of one kernel call.
 

@@ -137,8 +137,8 @@ def prepare(q, k, v, q_ids, kv_ids, options: base.Options, block_sizes, interpre
 
 
 def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
-                    block_sizes: BlockSizes | None = None, interpret=False):
-    """Fused attention on the Mosaic GPU backend, differentiable in q, k, v.
+                    block_sizes: BlockSizes | None = None, interpret=False, sinks=None):
+    """Fused attention on the Mosaic GPU backend, differentiable in q, k, v (and sinks).
 
     Args:
       q: [B, T, N, H]; k, v: [B, S, K, H] with K dividing N (never repeated in memory).
@@ -146,12 +146,13 @@ def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
       block_sizes: `BlockSizes`; default `BlockSizes.for_head_dim(H)`.
       interpret: True runs the kernels in GPU interpret mode on CPU (jax >= 0.12); or an
         `InterpretGPUParams`.
+      sinks: float [N] or None: per-head sink logits (`kernels.base.apply_sinks`).
 
     Returns:
       [B, T, N, H] in q's dtype; rows with nothing to attend to are zeros.
     """
     cfg, q_s, k, v, q_ids, kv_ids = prepare(q, k, v, q_ids, kv_ids, options, block_sizes, interpret)
-    return _flash(cfg, q_s, k, v, q_ids, kv_ids)[:, :cfg.q_len]
+    return _flash(cfg, q_s, k, v, q_ids, kv_ids, sinks)[:, :cfg.q_len]
 
 
 def flash_attention_with_lse(q, k, v, q_ids, kv_ids, options: base.Options, *,
@@ -165,23 +166,27 @@ def flash_attention_with_lse(q, k, v, q_ids, kv_ids, options: base.Options, *,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, q_ids, kv_ids):
-    return gpu_mosaic_fwd.forward(cfg, q, k, v, q_ids, kv_ids)[0]
+def _flash(cfg, q, k, v, q_ids, kv_ids, sinks):
+    return _flash_fwd(cfg, q, k, v, q_ids, kv_ids, sinks)[0]
 
 
-def _flash_fwd(cfg, q, k, v, q_ids, kv_ids):
-    out, lse = gpu_mosaic_fwd.forward(cfg, q, k, v, q_ids, kv_ids)
-    return out, (q, k, v, q_ids, kv_ids, out, lse)
+def _flash_fwd(cfg, q, k, v, q_ids, kv_ids, sinks):
+    out, lse = gpu_mosaic_fwd.forward(cfg, q, k, v, q_ids, kv_ids)  # lse: base 2 [B, N, T]
+    if sinks is not None:
+        w_BNT, lse = base.apply_sinks(lse, sinks, base2=True)
+        out = (out.astype(jnp.float32) * jnp.swapaxes(w_BNT, 1, 2)[..., None]).astype(out.dtype)
+    return out, (q, k, v, q_ids, kv_ids, sinks, out, lse)
 
 
 def _flash_bwd(cfg, residuals, do):
     # q is the q_factor-scaled q, and dq is the gradient with respect to it.
-    q, k, v, q_ids, kv_ids, out, lse = residuals
+    q, k, v, q_ids, kv_ids, sinks, out, lse = residuals
     do = do.astype(q.dtype)
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
     dq = gpu_mosaic_bwd.dq(cfg, q, k, v, q_ids, kv_ids, do, lse, delta)
     dk, dv = gpu_mosaic_bwd.dkv(cfg, q, k, v, q_ids, kv_ids, do, lse, delta)
-    return dq, dk, dv, None, None
+    dsinks = None if sinks is None else base.sinks_grad(sinks, lse, delta, base2=True)
+    return dq, dk, dv, None, None, dsinks
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

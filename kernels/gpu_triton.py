@@ -53,8 +53,8 @@ class BlockSizes(base.BlockSizes):
 
 
 def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
-                    block_sizes: BlockSizes | None = None, interpret: bool = False):
-    """Fused attention on the Pallas Triton backend, differentiable in q, k, v.
+                    block_sizes: BlockSizes | None = None, interpret: bool = False, sinks=None):
+    """Fused attention on the Pallas Triton backend, differentiable in q, k, v (and sinks).
 
     Args:
       q: [B, T, N, H]; k, v: [B, S, K, H] with K dividing N. Query head n reads kv
@@ -62,6 +62,7 @@ def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
       q_ids, kv_ids, options: as `kernels.base.validate` returns them.
       block_sizes: `BlockSizes`; default `BlockSizes.for_head_dim(H)`.
       interpret: run the kernels in Pallas interpret mode (CPU testing).
+      sinks: float [N] or None: per-head sink logits (`kernels.base.apply_sinks`).
 
     Returns:
       [B, T, N, H] in q's dtype. Rows with nothing to attend to are zeros.
@@ -81,7 +82,7 @@ def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
 
     if q_ids is not None:
         q_ids, kv_ids = base.pad_segment_ids(q_ids, kv_ids, q_pad, kv_pad)
-    out = _flash(cfg, pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad), q_ids, kv_ids)
+    out = _flash(cfg, pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad), q_ids, kv_ids, sinks)
     return out[:, :cfg.q_len, :, :head_dim]
 
 
@@ -282,22 +283,26 @@ def _bwd_dkv(cfg: Config, q, k, v, q_ids, kv_ids, do, lse, delta):
 # ---------------------------------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, q_ids, kv_ids):
-    return _fwd(cfg, q, k, v, q_ids, kv_ids)[0]
+def _flash(cfg, q, k, v, q_ids, kv_ids, sinks):
+    return _flash_fwd(cfg, q, k, v, q_ids, kv_ids, sinks)[0]
 
 
-def _flash_fwd(cfg, q, k, v, q_ids, kv_ids):
-    out, lse = _fwd(cfg, q, k, v, q_ids, kv_ids)
-    return out, (q, k, v, q_ids, kv_ids, out, lse)
+def _flash_fwd(cfg, q, k, v, q_ids, kv_ids, sinks):
+    out, lse = _fwd(cfg, q, k, v, q_ids, kv_ids)  # lse: natural log [B, N, T]
+    if sinks is not None:
+        w_BNT, lse = base.apply_sinks(lse, sinks, base2=False)
+        out = (out.astype(jnp.float32) * jnp.swapaxes(w_BNT, 1, 2)[..., None]).astype(out.dtype)
+    return out, (q, k, v, q_ids, kv_ids, sinks, out, lse)
 
 
 def _flash_bwd(cfg, residuals, do):
-    q, k, v, q_ids, kv_ids, out, lse = residuals
+    q, k, v, q_ids, kv_ids, sinks, out, lse = residuals
     delta_BTN = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     delta = jnp.transpose(delta_BTN, (0, 2, 1))
     dq = _bwd_dq(cfg, q, k, v, q_ids, kv_ids, do, lse, delta)
     dk, dv = _bwd_dkv(cfg, q, k, v, q_ids, kv_ids, do, lse, delta)
-    return dq, dk, dv, None, None
+    dsinks = None if sinks is None else base.sinks_grad(sinks, lse, delta, base2=False)
+    return dq, dk, dv, None, None, dsinks
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -7,7 +7,9 @@ Order of operations on the logits (every implementation follows it):
   1. logits = scale * q.k                       (scale defaults to 1/sqrt(H))
   2. if logits_soft_cap=c: logits = c * tanh(logits / c)
   3. if bias is given:     logits = logits + bias
-  4. masking (causal, sliding window, segment ids); softmax over the kept keys.
+  4. masking (causal, sliding window, segment ids); softmax over the kept keys,
+     and with `sinks` over [kept logits, sink of the query head] (the sink has no
+     value: it only takes probability mass; GPT-OSS).
 A query row that keeps no key gives an all-zero output row and zero gradients.
 """
 
@@ -20,7 +22,7 @@ from kernels import base
 
 
 def reference_attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
-                        sliding_window=None, logits_soft_cap=None, bias=None):
+                        sliding_window=None, logits_soft_cap=None, bias=None, sinks=None):
     """Multi-head attention in float32, written for clarity; output in q's dtype.
 
     Args:
@@ -33,6 +35,7 @@ def reference_attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
       sliding_window: W; query at position i sees keys j with i - W < j <= i.
       logits_soft_cap: c; scaled logits x become c * tanh(x / c) (before bias).
       bias: additive float logits bias broadcastable to [B, N, T, S].
+      sinks: float [N], one logit per query head added to every row's softmax (unscaled).
 
     Returns:
       [B, T, N, H] in q's dtype; rows with no key to attend to are zeros.
@@ -40,10 +43,10 @@ def reference_attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
     q_ids, kv_ids, options = base.validate(
         q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, bias=bias)
-    return attend(q, k, v, q_ids, kv_ids, options, bias)
+    return attend(q, k, v, q_ids, kv_ids, options, bias, base.validate_sinks(sinks, q.shape[2]))
 
 
-def attend(q, k, v, q_ids, kv_ids, options: base.Options, bias=None):
+def attend(q, k, v, q_ids, kv_ids, options: base.Options, bias=None, sinks=None):
     """`reference_attention` on inputs that `base.validate` has checked and normalised."""
     B, T, N, H = q.shape
     _, S, K, _ = k.shape
@@ -71,11 +74,17 @@ def attend(q, k, v, q_ids, kv_ids, options: base.Options, bias=None):
         # A finite fill keeps gradients finite; masked probabilities are zeroed below.
         logits_BKGTS = jnp.where(keep_BKGTS, logits_BKGTS, base.MASK_VALUE)
     # Softmax is shift-invariant, so the max needs no gradient.
-    max_BKGT = jax.lax.stop_gradient(jnp.max(logits_BKGTS, axis=-1, keepdims=True))
+    max_BKGT = jnp.max(logits_BKGTS, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink_1KG11 = sinks.astype(jnp.float32).reshape(1, K, G, 1, 1)
+        max_BKGT = jnp.maximum(max_BKGT, sink_1KG11)
+    max_BKGT = jax.lax.stop_gradient(max_BKGT)
     probs_BKGTS = jnp.exp(logits_BKGTS - max_BKGT)
     if mask_BTS is not None:
         probs_BKGTS = jnp.where(keep_BKGTS, probs_BKGTS, 0.0)
     denom_BKGT = jnp.sum(probs_BKGTS, axis=-1, keepdims=True)
+    if sinks is not None:
+        denom_BKGT = denom_BKGT + jnp.exp(sink_1KG11 - max_BKGT)
     probs_BKGTS = probs_BKGTS / jnp.where(denom_BKGT == 0.0, 1.0, denom_BKGT)
     out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v.astype(jnp.float32))
     return out_BTKGH.reshape(B, T, N, H).astype(q.dtype)

@@ -30,15 +30,15 @@ def _axis_size(axes, mesh):
     return size
 
 
-def sharded(kernel, q, k, v, q_ids, kv_ids, mesh=None):
-    """Calls kernel(q, k, v, q_ids, kv_ids), per shard when a mesh and rules are active.
+def sharded(kernel, q, k, v, q_ids, kv_ids, mesh=None, sinks=None):
+    """Calls kernel(q, k, v, q_ids, kv_ids, sinks), per shard when a mesh and rules are active.
 
     mesh: the mesh to shard over; default the mesh in context
-    (`jax.sharding.get_abstract_mesh()`), if any.
+    (`jax.sharding.get_abstract_mesh()`), if any. sinks [N] (or None) split as the heads.
     """
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
-        return kernel(q, k, v, q_ids, kv_ids)
+        return kernel(q, k, v, q_ids, kv_ids, sinks)
     # Sequence and head_dim stay whole inside the kernel, whatever the rules say.
     q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
     kv_spec = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"))
@@ -46,7 +46,7 @@ def sharded(kernel, q, k, v, q_ids, kv_ids, mesh=None):
     head_axes = _mesh_axes(q_spec[2], mesh)
     kv_head_axes = _mesh_axes(kv_spec[2], mesh)
     if batch_axes is None and head_axes is None:
-        return kernel(q, k, v, q_ids, kv_ids)
+        return kernel(q, k, v, q_ids, kv_ids, sinks)
     B, _, N, _ = q.shape
     K = k.shape[2]
     dp, tp = _axis_size(batch_axes, mesh), _axis_size(head_axes, mesh)
@@ -64,11 +64,14 @@ def sharded(kernel, q, k, v, q_ids, kv_ids, mesh=None):
         k, v = (jnp.repeat(x, tp // K, axis=2) for x in (k, v))
     qkv_spec = PartitionSpec(batch_axes, None, head_axes, None)
     ids_spec = PartitionSpec(batch_axes, None)
-    if q_ids is None:
-        body = lambda q, k, v: kernel(q, k, v, None, None)
-        args, in_specs = (q, k, v), (qkv_spec,) * 3
-    else:
-        body = kernel
-        args, in_specs = (q, k, v, q_ids, kv_ids), (qkv_spec,) * 3 + (ids_spec,) * 2
-    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=qkv_spec,
-                         check_vma=False)(*args)
+    # Only the arrays given travel through shard_map (None has no spec).
+    given = [(x, spec) for x, spec in ((q_ids, ids_spec), (kv_ids, ids_spec), (sinks, PartitionSpec(head_axes)))
+             if x is not None]
+
+    def body(q, k, v, *rest):
+        rest = iter(rest)
+        ids = (next(rest), next(rest)) if q_ids is not None else (None, None)
+        return kernel(q, k, v, *ids, next(rest) if sinks is not None else None)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(qkv_spec,) * 3 + tuple(sp for _, sp in given),
+                         out_specs=qkv_spec, check_vma=False)(q, k, v, *(x for x, _ in given))

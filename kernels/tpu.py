@@ -59,8 +59,8 @@ _SQUEEZED = pl.Squeezed()
 
 
 def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
-                    block_sizes: BlockSizes | None = None, interpret: bool = False):
-    """Fused attention, differentiable in q, k, v; semantics of `reference_attention`.
+                    block_sizes: BlockSizes | None = None, interpret: bool = False, sinks=None):
+    """Fused attention, differentiable in q, k, v (and sinks); semantics of `reference_attention`.
 
     Args:
       q: [B, T, N, H]; k, v: [B, S, K, H] with K dividing N (query head n reads
@@ -70,6 +70,8 @@ def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
         the TPU generation being lowered for and the head dim, with its VMEM
         limit, for Mosaic; 128-row tiles in interpret mode.
       interpret: run in Pallas interpret mode (CPU) instead of compiling with Mosaic.
+      sinks: float [N] or None: per-head sink logits, applied to the kernel's output and
+        row statistics (`kernels.base.apply_sinks`).
 
     Returns:
       [B, T, N, H] in q's dtype; rows with nothing to attend to are zeros.
@@ -94,7 +96,7 @@ def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
         ids = (jnp.broadcast_to(q_ids_BT[:, None, :], (B, _SUBLANES, T_pad)),
                jnp.broadcast_to(kv_ids_BS[:, None, :], (B, _SUBLANES, S_pad)))
     costs = tpu_tuning.cost_estimates(cfg, B, q.shape[2], T_pad, S_pad, H_pad, q.dtype.itemsize)
-    out_BNTH = _flash(cfg, costs, to_blocks(q, T_pad), to_blocks(k, S_pad), to_blocks(v, S_pad), *ids)
+    out_BNTH = _flash(cfg, costs, to_blocks(q, T_pad), to_blocks(k, S_pad), to_blocks(v, S_pad), sinks, *ids)
     return jnp.swapaxes(out_BNTH[:, :, :T, :H], 1, 2)
 
 
@@ -393,28 +395,32 @@ def _dkv_call(cfg: Config, cost, q, k, v, do, lse, delta, *ids):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(cfg, costs, q, k, v, *ids):
-    """Attention on padded [B, N, L, H] inputs; ids are [B, 8, L] or absent; costs are
-    the (fwd, dq, dkv) `pl.CostEstimate`s."""
-    return _fwd_call(cfg, costs[0], q, k, v, *ids)[0]
+def _flash(cfg, costs, q, k, v, sinks, *ids):
+    """Attention on padded [B, N, L, H] inputs; sinks [N] or None; ids are [B, 8, L] or
+    absent; costs are the (fwd, dq, dkv) `pl.CostEstimate`s."""
+    return _flash_fwd(cfg, costs, q, k, v, sinks, *ids)[0]
 
 
-def _flash_fwd(cfg, costs, q, k, v, *ids):
+def _flash_fwd(cfg, costs, q, k, v, sinks, *ids):
     out, lse = _fwd_call(cfg, costs[0], q, k, v, *ids)
-    # Keep one sublane of the statistic as the residual (8x less memory).
-    return out, (q, k, v, out, lse[:, :, 0, :], ids)
+    lse = lse[:, :, 0, :]  # one sublane of the statistic is the residual (8x less memory); base 2
+    if sinks is not None:
+        w_BNT, lse = base.apply_sinks(lse, sinks, base2=True)
+        out = (out.astype(jnp.float32) * w_BNT[..., None]).astype(out.dtype)
+    return out, (q, k, v, sinks, out, lse, ids)
 
 
 def _flash_bwd(cfg, costs, residuals, do):
-    q, k, v, out, lse, ids = residuals  # lse: [B, N, T]
+    q, k, v, sinks, out, lse_BNT, ids = residuals
     B, N, T, _ = q.shape
     delta_BNT = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     lse, delta = (jnp.broadcast_to(x_BNT[:, :, None, :], (B, N, _SUBLANES, T))
-                  for x_BNT in (lse, delta_BNT))
+                  for x_BNT in (lse_BNT, delta_BNT))
     do = do.astype(q.dtype)
     dq = _dq_call(cfg, costs[1], q, k, v, do, lse, delta, *ids)
     dk, dv = _dkv_call(cfg, costs[2], q, k, v, do, lse, delta, *ids)
-    return (dq, dk, dv) + tuple(None for _ in ids)
+    dsinks = None if sinks is None else base.sinks_grad(sinks, lse_BNT, delta_BNT, base2=True)
+    return (dq, dk, dv, dsinks) + tuple(None for _ in ids)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

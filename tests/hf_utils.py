@@ -96,6 +96,15 @@ CHECKPOINTS: dict[str, Checkpoint] = {
     "phi3": Checkpoint("Phi3ForCausalLM", "Phi3Config", dict(**_COMMON, num_key_value_heads=2, sliding_window=5,
                                                              pad_token_id=0, bos_token_id=1, eos_token_id=2),
                        damage_key="model.layers.1.self_attn.qkv_proj.weight"),
+    # GPT-OSS: sinks, biases everywhere, YaRN over 16 original positions, sliding (4) / full layers,
+    # GQA 4, a SwiGLU limit low enough to clamp, odd vocabulary
+    "gpt_oss": Checkpoint("GptOssForCausalLM", "GptOssConfig",
+                          dict(**{**_MOE, "vocab_size": VOCAB + 3, "num_hidden_layers": 3, "num_key_value_heads": 1}, intermediate_size=48,
+                               num_local_experts=4, head_dim=16, sliding_window=4,
+                               swiglu_limit=0.6, tie_word_embeddings=False,
+                               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                "beta_fast": 8.0, "beta_slow": 1.0,
+                                                "original_max_position_embeddings": 16, "truncate": False})),
     "mixtral": Checkpoint("MixtralForCausalLM", "MixtralConfig",
                           dict(**_MOE, intermediate_size=96, num_local_experts=4)),
     # HF's default norm_topk_prob=False: the kept probabilities are not renormalised

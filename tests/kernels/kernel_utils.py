@@ -58,9 +58,10 @@ def check_close(got, want, tol, what, rtol=0.0):
 def direct(kernel, **kernel_kwargs):
     """`kernel` (tpu.flash_attention, gpu_triton.flash_attention) behind `kernels.attention`'s
     signature: the one validation, then the kernel with `kernel_kwargs` (block sizes, interpret)."""
-    def attention(q, k, v, **kwargs):
+    def attention(q, k, v, sinks=None, **kwargs):
         q_ids, kv_ids, options = base.validate(q, k, v, **kwargs)
-        return kernel(q, k, v, q_ids, kv_ids, options, **kernel_kwargs)
+        extra = {} if sinks is None else {"sinks": base.validate_sinks(sinks, q.shape[2])}
+        return kernel(q, k, v, q_ids, kv_ids, options, **kernel_kwargs, **extra)
     return attention
 
 

@@ -39,6 +39,23 @@ def test_sharded_call_equals_unsharded(num_kv_heads):
         np.testing.assert_allclose(g, w, atol=1e-6, rtol=0, err_msg=what)
 
 
+def test_sharded_sinks_split_with_the_heads():
+    """Sinks [N] travel through shard_map split like the query heads, forward and backward."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "tensor"))
+    q = jax.random.normal(jax.random.PRNGKey(0), (2, 128, 8, 64))
+    k = jax.random.normal(jax.random.PRNGKey(1), (2, 128, 2, 64))
+    sinks = jnp.linspace(-2.0, 3.0, 8)
+    fn = lambda q, k, s: kernels.attention(q, k, k, causal=True, sinks=s, implementation="pallas")
+    loss = jax.jit(jax.value_and_grad(lambda q, k, s: jnp.sum(fn(q, k, s) ** 2), argnums=(0, 1, 2)))
+    want = loss(q, k, sinks)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, sinks))
+        got = loss(q, k, sinks)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for what, g, w in zip(("dq", "dk", "dsinks"), got[1], want[1]):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=what)
+
+
 def test_inside_a_callers_shard_map_runs_per_shard():
     """Mesh axes already manual (the caller's shard_map) are not split again."""
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "tensor"))

@@ -88,6 +88,26 @@ def test_matches_reference_in_interpret_mode(name):
 
 
 @needs_interpret
+def test_sinks_in_interpret_mode():
+    """Attention sinks (GPT-OSS) on the kernel's base-2 statistics: output and dq/dk/dv/dsinks
+    against the reference (packed rows with an all-padding row: zeros stay zeros)."""
+    (q, k, v, do), blocks, kw = _problem("packed_empty_rows_h96")
+    sinks = jnp.asarray([1.5], jnp.float32)
+    flash = direct(gpu_mosaic.flash_attention, block_sizes=blocks, interpret=_interpret())
+
+    def value_and_grads_sinks(attend, q, k, v, s):
+        loss = lambda q, k, v, s: jnp.sum(attend(q, k, v, sinks=s, **kw).astype(jnp.float32) * do)
+        return (attend(q, k, v, sinks=s, **kw),) + jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, s)
+
+    got = compiled(lambda *a: value_and_grads_sinks(flash, *a), q, k, v, sinks)
+    f32 = lambda x: x.astype(jnp.float32)
+    want = value_and_grads_sinks(reference_attention, f32(q), f32(k), f32(v), sinks)
+    for what, g, w in zip(("out", "dq", "dk", "dv", "dsinks"), got, want):
+        check_close(g, w, TOL, what, rtol=TOL)
+    assert np.all(np.asarray(got[0][1]) == 0)  # the all-padding row
+
+
+@needs_interpret
 def test_log_sum_exp_and_empty_rows():
     # Not causal, a (q_ids, kv_ids) pair with padding on both sides, 6 kv blocks of 64 (the ring is
     # refilled 4 times), float16, head_dim 128.

@@ -234,3 +234,105 @@ def test_mixtral_8x7b_train_step_compiles_for_tpu_with_expert_parallelism():
     assert per_device + memory.temp_size_in_bytes < 95 * 2**30
     gate = tr.abstract_state["params"]["layers"]["mlp"]["gate_proj"]  # [L, E, D, F]
     assert gate.sharding.shard_shape(gate.shape) == (32, 4, 512, 14336)
+
+
+# --- GPT-OSS: MXFP4 experts, clamped SwiGLU ------------------------------------------------
+
+
+def _random_mxfp4(rng, shape_param):
+    """Random MXFP4 (blocks, scales) whose dequantised HF parameter has shape [E, C, R]."""
+    e, c, r = shape_param
+    blocks = rng.integers(0, 256, size=(e, r, c // 32, 16), dtype=np.uint8)
+    scales = rng.integers(119, 124, size=(e, r, c // 32), dtype=np.uint8)  # 2**-8 .. 2**-4
+    return blocks, scales
+
+
+@pytest.mark.torch
+def test_mxfp4_dequantizes_as_transformers():
+    """Every code, both nibbles and a range of block exponents: zoo's numpy dequantisation
+    equals transformers' `_convert_moe_packed_tensors` bit for bit (float32)."""
+    import torch
+    from transformers.integrations.mxfp4 import _convert_moe_packed_tensors
+
+    from zoo.hf import mxfp4
+
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, size=(3, 40, 4, 16), dtype=np.uint8)
+    blocks[0, 0, 0] = np.arange(0, 256, 16, dtype=np.uint8) + np.arange(16, dtype=np.uint8)  # all 16 codes twice
+    scales = rng.integers(100, 140, size=(3, 40, 4), dtype=np.uint8)
+    ours = mxfp4.dequantize(blocks, scales)
+    theirs = _convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
+                                         dtype=torch.float32).numpy()
+    assert ours.shape == theirs.shape == (3, 128, 40)
+    np.testing.assert_array_equal(ours, theirs)
+    assert set(np.unique(np.abs(ours[0, :32, 0]) / 2.0 ** (int(scales[0, 0, 0]) - 127))) == \
+        {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
+    with pytest.raises(ValueError, match="do not pair"):
+        mxfp4.dequantize(blocks, scales[:, :, :3])
+
+
+@pytest.mark.torch
+def test_mxfp4_checkpoint_imports_and_exports_unquantized(tmp_path):
+    """A GPT-OSS checkpoint with MXFP4 experts (`*_blocks`/`*_scales`, quantization_config
+    mxfp4): logits equal PyTorch's on the dequantised weights; the export is unquantised
+    (gate_up_proj / down_proj, no quantization_config) and transformers loads it."""
+    import torch
+    import transformers
+    from transformers.integrations.mxfp4 import _convert_moe_packed_tensors
+
+    from hf_utils import make_model, save, torch_logits
+
+    hf = make_model("gpt_oss", intermediate_size=64)  # in and out sizes multiples of 32
+    e, d, f = 4, 64, 64
+    rng = np.random.default_rng(1)
+    packed = {}
+    with torch.no_grad():
+        for i, layer in enumerate(hf.model.layers):
+            for name, shape in (("gate_up_proj", (e, d, 2 * f)), ("down_proj", (e, f, d))):
+                blocks, scales = _random_mxfp4(rng, shape)
+                weight = _convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
+                                                     dtype=torch.float32)
+                getattr(layer.mlp.experts, name).copy_(weight)
+                packed[f"model.layers.{i}.mlp.experts.{name}"] = (blocks, scales)
+    save(hf, tmp_path / "float")
+    tensors = load_file(tmp_path / "float" / "model.safetensors")
+    for key, (blocks, scales) in packed.items():
+        del tensors[key]
+        tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
+    quantized = tmp_path / "mxfp4"
+    quantized.mkdir()
+    save_file(tensors, quantized / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "float" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "lm_head"]}
+    (quantized / "config.json").write_text(json.dumps(config))
+
+    model, params = zoo.from_hf(quantized)
+    ids, mask = model_inputs("decoder", seed=2)[-1].values()
+    want = torch_logits(hf, ids, mask)
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
+    real = mask.astype(bool)
+    assert float(np.abs(got - want)[real].max()) <= 1e-4
+
+    zoo.to_hf(model, params, tmp_path / "export")
+    written = load_file(tmp_path / "export" / "model.safetensors")
+    assert not any(k.endswith(("_blocks", "_scales")) for k in written)
+    np.testing.assert_array_equal(written["model.layers.1.mlp.experts.down_proj"],
+                                  hf.model.layers[1].mlp.experts.down_proj.detach().numpy())
+    assert "quantization_config" not in json.loads((tmp_path / "export" / "config.json").read_text())
+    reloaded = transformers.GptOssForCausalLM.from_pretrained(tmp_path / "export").eval()
+    np.testing.assert_array_equal(torch_logits(reloaded, ids, mask), want)
+
+    # a blocks tensor without its scales is named
+    del tensors["model.layers.0.mlp.experts.down_proj_scales"]
+    save_file(tensors, quantized / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="down_proj_blocks.*has no.*down_proj_scales"):
+        zoo.from_hf(quantized)
+
+
+def test_clamped_swiglu_clamps_gate_above_and_up_both_ways():
+    glu = moe.clamped_swiglu(alpha=1.702, limit=7.0)
+    gate = jnp.asarray([-10.0, 0.0, 3.0, 9.0])
+    up = jnp.asarray([-9.0, 1.0, 8.0, -2.0])
+    g = np.minimum(np.asarray(gate), 7.0)
+    want = (np.clip(np.asarray(up), -7.0, 7.0) + 1.0) * g / (1.0 + np.exp(-1.702 * g))
+    np.testing.assert_allclose(np.asarray(glu(gate, up)), want, rtol=1e-6)

@@ -37,6 +37,8 @@ PUBLISHED = {
     "phi-4": 14.660e9,
     "mixtral-8x7b": 46.703e9,
     "qwen3-30b-a3b": 30.532e9,
+    "gpt-oss-20b": 20.915e9,  # the hub's bf16 checkpoint counts (the model card: 21B / 117B)
+    "gpt-oss-120b": 116.83e9,
     "bert-base": 109.48e6,
     "bert-large": 335.14e6,
     # the hub's safetensors counts of the MLM checkpoints (model cards round them to 125M/355M/279M/561M)

@@ -28,6 +28,7 @@ from flax import linen as nn
 
 from zoo import registry
 from zoo.configs import ModelConfig
+from zoo.hf import mxfp4
 from zoo.hf.rules import TOKEN_ID_FIELDS, ArchSpec, CheckpointError, Rule
 from zoo.hf.safetensors import SafetensorsFile, checkpoint_files, write_safetensors
 from zoo.paths import check_new_dir, staged_dir
@@ -128,6 +129,7 @@ def from_hf(path, dtype=jnp.float32):
     aliases: list[tuple[SafetensorsFile, str, str]] = []
 
     files = [SafetensorsFile(f) for f in checkpoint_files(root)]
+    owner = {raw_key: file for file in files for raw_key in file.keys}
     for file in files:
         for raw_key in file.keys:
             key = spec.normalize_key(raw_key)
@@ -136,20 +138,27 @@ def from_hf(path, dtype=jnp.float32):
             if key in tied:
                 aliases.append((file, raw_key, tied[key]))
                 continue
+            read = None
+            if spec.mxfp4 and key.endswith(("_blocks", "_scales")) and key not in expected:
+                key, read = _mxfp4_tensor(raw_key, owner)
+                if read is None:  # the scales: read with their blocks
+                    continue
             if key not in expected:
                 raise CheckpointError(f"{file.path}: unexpected tensor {raw_key!r} for {cfg.hf_architecture}")
             if key in loaded:
                 raise CheckpointError(f"{file.path}: tensor {raw_key!r} appears twice in the checkpoint")
             rule, idx = expected[key]
-            if file.shape(raw_key) != rule.hf_shape:
-                raise CheckpointError(f"{file.path}: tensor {raw_key!r} has shape {file.shape(raw_key)}, "
+            shape = read()[1] if read is not None else file.shape(raw_key)
+            if shape != rule.hf_shape:
+                raise CheckpointError(f"{file.path}: tensor {raw_key!r} has shape {shape}, "
                                       f"expected {rule.hf_shape}")
-            pieces = rule.to_zoo(file.read(raw_key), [zoo_shapes[p][len(idx):] for p in rule.zoo])
+            value = read()[0] if read is not None else file.read(raw_key)
+            pieces = rule.to_zoo(value, [zoo_shapes[p][len(idx):] for p in rule.zoo])
             for p, piece in zip(rule.zoo, pieces):
                 buffers[p][idx] = piece  # casts to `dtype` in place
             # Release this tensor before the next read, or two (the largest, often the
             # adjacent embedding and lm_head) sit beside the buffers at once.
-            del pieces, piece
+            del pieces, piece, value, read
             loaded.add(key)
 
     missing = [k for k in expected if k not in loaded]
@@ -168,6 +177,32 @@ def from_hf(path, dtype=jnp.float32):
 
     params = {p: jnp.asarray(buffers.pop(p)) for p in list(buffers)}
     return model, _nest(params)
+
+
+def _mxfp4_tensor(raw_key: str, owner: dict):
+    """For an MXFP4 `<name>_blocks` / `<name>_scales` key: (name, read) where read() gives the
+    dequantised float32 tensor and its shape (once, then cached), or (name, None) for the scales
+    (read with their blocks). A blocks key without its scales (or the reverse) is a CheckpointError."""
+    blocks_key = raw_key[: -len("_scales")] + "_blocks" if raw_key.endswith("_scales") else raw_key
+    name = blocks_key[: -len("_blocks")]
+    scales_key = name + "_scales"
+    for needed in (blocks_key, scales_key):
+        if needed not in owner:
+            raise CheckpointError(f"{owner[raw_key].path}: MXFP4 tensor {raw_key!r} has no {needed!r} beside it")
+    if raw_key == scales_key:
+        return name, None
+    cache = {}
+
+    def read():
+        if "value" not in cache:
+            try:
+                value = mxfp4.dequantize(owner[blocks_key].read(blocks_key), owner[scales_key].read(scales_key))
+            except ValueError as e:
+                raise CheckpointError(f"{owner[raw_key].path}: {raw_key!r}: {e}") from None
+            cache["value"] = value
+        return cache["value"], cache["value"].shape
+
+    return name, read
 
 
 # --- export ------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ class CheckpointError(ValueError):
 # "fused":  the HF tensor's last axis holds len(zoo) equal parts (GPT-2 c_attn = q|k|v).
 # "fused_linear": a torch nn.Linear weight whose output rows are the zoo kernels' outputs one
 #           after another, sized by each kernel (Phi-3 qkv_proj = q|k|v with GQA, gate_up_proj).
-LAYOUTS = ("copy", "linear", "fused", "fused_linear")
+# "interleaved": the HF tensor's last axis alternates the zoo parts (GPT-OSS gate_up_proj: even
+#           columns gate, odd columns up).
+LAYOUTS = ("copy", "linear", "fused", "fused_linear", "interleaved")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ class Rule:
             n_in = x.shape[1]
             bounds = np.cumsum([int(np.prod(s)) // n_in for s in zoo_shapes])[:-1]
             return [p.reshape(s) for p, s in zip(np.split(x.T, bounds, axis=1), zoo_shapes)]
+        if self.layout == "interleaved":
+            n = len(self.zoo)
+            return [np.ascontiguousarray(x[..., j::n]).reshape(s) for j, s in enumerate(zoo_shapes)]
         parts = np.split(x, len(self.zoo), axis=-1)
         return [p.reshape(s) for p, s in zip(parts, zoo_shapes)]
 
@@ -85,6 +90,9 @@ class Rule:
         if self.layout == "fused_linear":
             n_in = self.hf_shape[1]
             return np.concatenate([p.reshape(n_in, -1) for p in pieces], axis=1).T
+        if self.layout == "interleaved":
+            part_shape = self.hf_shape[:-1] + (self.hf_shape[-1] // len(pieces),)
+            return np.stack([p.reshape(part_shape) for p in pieces], axis=-1).reshape(self.hf_shape)
         part_shape = self.hf_shape[:-1] + (self.hf_shape[-1] // len(pieces),)
         return np.concatenate([p.reshape(part_shape) for p in pieces], axis=-1)
 
@@ -111,7 +119,7 @@ class ArchSpec:
     weights(cfg) -> list of Rules; ignore: regexes of HF keys that are buffers, not
     weights; tied(cfg) -> {alias key: source key} for tensors that may be present in a
     checkpoint but must equal their source (tied LM heads); normalize_key maps legacy
-    key spellings to the table's.
+    key spellings to the table's; mxfp4: the loader dequantises MXFP4 block/scale pairs.
     """
 
     config_from_hf: Callable[[dict, str], ModelConfig]
@@ -120,6 +128,7 @@ class ArchSpec:
     ignore: tuple[str, ...] = ()
     tied: Callable[[ModelConfig], dict[str, str]] = lambda cfg: {}
     normalize_key: Callable[[str], str] = lambda key: key
+    mxfp4: bool = False  # a tensor may come as MXFP4 `<key>_blocks` + `<key>_scales` (zoo/hf/mxfp4.py)
 
 
 # --- helpers the families' config translations share ------------------------------------

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 import kernels
-from zoo.nn.linear import Dense
+from zoo.nn.linear import Dense, param_with_axes
 from zoo.nn.norms import RMSNorm
-from zoo.nn.rope import apply_rope, rope_frequencies
+from zoo.nn.rope import apply_rope, rope_attention_factor, rope_frequencies
 from zoo.sharding import constrain
 
 
@@ -44,6 +44,7 @@ class SelfAttention(nn.Module):
     layer_kind_ids: tuple[int, ...] | None = None  # per layer: its index into layer_kinds
     scale: float | None = None  # logit scale (default 1/sqrt(head_dim))
     logits_soft_cap: float | None = None
+    sinks: bool = False  # GPT-OSS: a learned logit per head that takes softmax mass (kernels.attention)
     causal: bool = True
     attention_impl: str | None = None
     decode: bool = False  # keep a KV cache in the "cache" collection (zoo/inference/decoder.py)
@@ -65,11 +66,15 @@ class SelfAttention(nn.Module):
         if theta is None:  # NoPE
             return q_BTNH, k_BSKH
         inv_freq = rope_frequencies(self.head_dim, theta, scaling)
-        return apply_rope(q_BTNH, positions_BT, inv_freq), apply_rope(k_BSKH, positions_BT, inv_freq)
+        q_BTNH, k_BSKH = apply_rope(q_BTNH, positions_BT, inv_freq), apply_rope(k_BSKH, positions_BT, inv_freq)
+        factor = rope_attention_factor(scaling)
+        if factor != 1.0:  # YaRN scales cos and sin, so both rotated q and k
+            q_BTNH, k_BSKH = q_BTNH * jnp.asarray(factor, q_BTNH.dtype), k_BSKH * jnp.asarray(factor, k_BSKH.dtype)
+        return q_BTNH, k_BSKH
 
-    def attend(self, q, k, v, *, causal, segment_ids, sliding_window):
+    def attend(self, q, k, v, *, causal, segment_ids, sliding_window, sinks=None):
         return kernels.attention(q, k, v, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
-                                 scale=self.scale, logits_soft_cap=self.logits_soft_cap,
+                                 scale=self.scale, logits_soft_cap=self.logits_soft_cap, sinks=sinks,
                                  implementation=self.attention_impl)
 
     @nn.compact
@@ -86,17 +91,21 @@ class SelfAttention(nn.Module):
             q_BTNH = norm(q_axes, "q_norm")(q_BTNH)
             k_BSKH = norm(k_axes, "k_norm")(k_BSKH)
         q_BTNH, k_BSKH = self._per_kind(layer, self._rotate, q_BTNH, k_BSKH, positions_BT)
+        sinks = None  # created here: no param may be created inside the kind switch
+        if self.sinks:
+            sinks = self.param("sinks", param_with_axes(nn.initializers.zeros, ("heads",)), (n,),
+                               self.param_dtype).astype(jnp.float32)
         if self.decode:
-            out_BTNH = self._attend_with_cache(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, layer)
+            out_BTNH = self._attend_with_cache(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, layer, sinks)
         else:
             out_BTNH = self._per_kind(layer, lambda kind, q, k, v, ids: self.attend(
-                q, k, v, causal=self.causal, segment_ids=ids, sliding_window=kind[0]),
+                q, k, v, causal=self.causal, segment_ids=ids, sliding_window=kind[0], sinks=sinks),
                 q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
         out_BTNH = constrain(out_BTNH, ("batch", "length", "activation_heads", None))
         return Dense((self.hidden_size,), ("heads", "head_dim"), ("embed",), use_bias=self.out_bias,
                      name="o_proj", **kw)(out_BTNH)
 
-    def _attend_with_cache(self, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, layer=None):
+    def _attend_with_cache(self, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, layer=None, sinks=None):
         """Writes this chunk's keys/values at the cache index, then attends.
 
         The cache is created at its full length by `init` on a [B, max_len] input.
@@ -121,7 +130,8 @@ class SelfAttention(nn.Module):
         index.value = i + t
         if t > 1:
             return self._per_kind(layer, lambda kind, q, k, v: self.attend(
-                q, k, v, causal=True, segment_ids=ids_BT, sliding_window=kind[0]), q_BTNH, k_BTKH, v_BTKH)
+                q, k, v, causal=True, segment_ids=ids_BT, sliding_window=kind[0], sinks=sinks),
+                q_BTNH, k_BTKH, v_BTKH)
         slot_S = jnp.arange(cached_ids.value.shape[1])
 
         def one_token(kind, q, keys, values, cached_ids):
@@ -129,6 +139,6 @@ class SelfAttention(nn.Module):
             if kind[0] is not None:
                 visible_BS &= (slot_S > i - kind[0])[None]
             return self.attend(q, keys, values, causal=False, segment_ids=(ids_BT, visible_BS.astype(jnp.int32)),
-                               sliding_window=None)
+                               sliding_window=None, sinks=sinks)
 
         return self._per_kind(layer, one_token, q_BTNH, cached_k.value, cached_v.value, cached_ids.value)

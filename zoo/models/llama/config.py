@@ -19,8 +19,9 @@ class LlamaConfig(ModelConfig):
 
     architecture: str = "LlamaForCausalLM"  # the HF class this config round-trips as
     rope_theta: float = 10000.0
-    # Llama-3 frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_position)
-    rope_scaling: tuple[float, float, float, int] | None = None
+    # (factor,) linear; (factor, low_freq_factor, high_freq_factor, original_max_position) Llama 3;
+    # ("yarn", factor, beta_fast, beta_slow, original_max_position, truncate) YaRN (zoo/nn/rope.py)
+    rope_scaling: tuple | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral: each query sees the last W keys
@@ -39,6 +40,8 @@ class LlamaConfig(ModelConfig):
     query_pre_attn_scalar: float | None = None  # Gemma 2/3: logits scaled by this ** -0.5, not head_dim's
     attn_logit_softcap: float | None = None  # Gemma 2: c * tanh(logits / c)
     final_logit_softcap: float | None = None  # Gemma 2: on the output logits
+    attention_out_bias: bool = False  # GPT-OSS: o_proj has a bias too
+    attention_sinks: bool = False  # GPT-OSS: a learned per-head logit in every softmax (kernels.attention)
 
     ARCHITECTURES: ClassVar[tuple[str, ...]] = (
         "LlamaForCausalLM",
@@ -72,8 +75,13 @@ class LlamaConfig(ModelConfig):
                 raise ValueError(f"{self.name}: sliding_attention layers need sliding_window")
         if any(not 0 <= i < self.num_layers for i in self.nope_layers):
             raise ValueError(f"{self.name}: nope_layers must be layer indices below {self.num_layers}")
-        if self.rope_scaling is not None and len(self.rope_scaling) not in (1, 4):
-            raise ValueError(f"{self.name}: rope_scaling is (factor,) or (factor, low, high, original_max)")
+        if isinstance(self.rope_scaling, list):  # JSON gives lists back
+            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+        yarn = self.rope_scaling is not None and self.rope_scaling[0] == "yarn"
+        if self.rope_scaling is not None and not (len(self.rope_scaling) in (1, 4) or
+                                                  (yarn and len(self.rope_scaling) == 6)):
+            raise ValueError(f"{self.name}: rope_scaling is (factor,), (factor, low, high, original_max) or "
+                             "('yarn', factor, beta_fast, beta_slow, original_max, truncate)")
 
     def attention_kinds(self) -> tuple[tuple, tuple[int, ...]]:
         """(the distinct (sliding_window, rope_theta, rope_scaling) of the layers, each layer's index

@@ -61,7 +61,8 @@ class Llama(nn.Module):
             make_norm=partial(RMSNorm, cfg.rms_norm_eps, cfg.norm_offset, **kw),
             make_attention=partial(
                 SelfAttention, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                qkv_bias=cfg.attention_bias, qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
+                qkv_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias, sinks=cfg.attention_sinks,
+                qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
                 qk_norm_offset=cfg.norm_offset, qk_norm_flat=cfg.qk_norm_flat, layer_kinds=kinds,
                 layer_kind_ids=kind_ids, attention_impl=cfg.attention_impl, decode=self.decode,
                 scale=None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5,

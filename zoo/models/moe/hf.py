@@ -1,26 +1,107 @@
-"""Mixture-of-experts decoders (MixtralForCausalLM, Qwen3MoeForCausalLM) <-> zoo MoE: config
-translation and weight table (zoo.hf.rules).
+"""Mixture-of-experts decoders (MixtralForCausalLM, Qwen3MoeForCausalLM, GptOssForCausalLM) <->
+zoo MoE: config translation and weight table (zoo.hf.rules).
 
 The moe family is the Llama decoder with routed MLPs (MoEConfig extends LlamaConfig,
 MoEDecoder extends Llama), so attention, norms and RoPE are those of the dense class
 named in `_DENSE_TWIN`: the config translation reuses the llama family's (its checks
 included) and adds the MoE fields; the weight table reuses its decoder rules.
+
+GPT-OSS has no dense twin: its translation is its own. Its experts are stored per layer as
+one tensor over all experts: gate_up_proj [E, D, 2F] with gate and up interleaved (even
+columns gate) and input-major, down_proj [E, F, D], with biases. Released checkpoints store
+both as MXFP4 (`*_blocks` / `*_scales`, `quantization_config.quant_method = "mxfp4"`): import
+dequantises them tensor by tensor (zoo/hf/mxfp4.py); export writes them unquantised in the
+param dtype (bf16 for a bf16 run) with no quantization_config, which transformers loads as is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from zoo.hf.rules import ArchSpec, CheckpointError, Rule, get, require
+from zoo.hf.rules import ArchSpec, CheckpointError, Rule, get, require, token_ids_from_hf
 from zoo.models.llama import hf as llama_hf
 from zoo.models.llama.config import LlamaConfig
 from zoo.models.moe.config import MoEConfig
 
-_MODEL_TYPES = {"MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
+_MODEL_TYPES = {"MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe", "GptOssForCausalLM": "gpt_oss"}
 _DENSE_TWIN = {"MixtralForCausalLM": "MistralForCausalLM", "Qwen3MoeForCausalLM": "Qwen3ForCausalLM"}
 
 
+def _gpt_oss_from_hf(hf: dict, name: str, arch: str) -> MoEConfig:
+    quant = hf.get("quantization_config") or {}
+    require(not quant or quant.get("quant_method") == "mxfp4",
+            f"{arch}: quantization {quant.get('quant_method')!r} is not supported (only MXFP4 experts)")
+    require(not hf.get("router_jitter_noise"), f"{arch}: router_jitter_noise is not supported")
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    rope = legacy if legacy.get("rope_type", legacy.get("type")) == "yarn" else params
+    kind = rope.get("rope_type", rope.get("type"))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 150000.0)))
+    if kind in (None, "default"):
+        scaling = None
+    else:
+        require(kind == "yarn", f"{arch}: rope scaling type {kind!r} is not supported (only 'yarn' or none)")
+        for key in ("attention_factor", "mscale", "mscale_all_dim"):
+            require(not rope.get(key), f"{arch}: YaRN {key} is not supported")
+        original = int(rope["original_max_position_embeddings"])
+        scaling = ("yarn", float(rope.get("factor") or get(hf, "max_position_embeddings", 131072) / original),
+                   float(rope.get("beta_fast") or 32.0), float(rope.get("beta_slow") or 1.0), original,
+                   bool(rope.get("truncate", True)))
+    n_layers = hf["num_hidden_layers"]
+    types = tuple(hf.get("layer_types") or ("full_attention" if i % 2 else "sliding_attention"
+                                              for i in range(n_layers)))
+    bias = bool(hf.get("attention_bias", True))
+    d, n = hf["hidden_size"], hf["num_attention_heads"]
+    return MoEConfig(
+        name=name, architecture=arch, vocab_size=hf["vocab_size"], hidden_size=d, num_layers=n_layers,
+        num_heads=n, num_kv_heads=get(hf, "num_key_value_heads", n), head_dim=get(hf, "head_dim", d // n),
+        intermediate_size=hf["intermediate_size"], max_seq_len=get(hf, "max_position_embeddings", 131072),
+        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=get(hf, "rms_norm_eps", 1e-5),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=get(hf, "sliding_window", 128) if "sliding_attention" in types else None,
+        layer_types=types if "sliding_attention" in types else None,
+        attention_bias=bias, attention_out_bias=bias, attention_sinks=True,
+        num_experts=hf["num_local_experts"], num_experts_per_tok=hf["num_experts_per_tok"], norm_topk_prob=True,
+        router_bias=True, expert_bias=True, swiglu_limit=float(get(hf, "swiglu_limit", 7.0)),
+        swiglu_alpha=float(get(hf, "swiglu_alpha", 1.702)),
+        router_aux_loss_coef=float(get(hf, "router_aux_loss_coef", 0.001)),
+        router_z_loss_coef=float(get(hf, "router_z_loss_coef", 0.001)), **token_ids_from_hf(hf),
+    )
+
+
+def _gpt_oss_to_hf(cfg: MoEConfig) -> dict:
+    arch = cfg.architecture
+    expected = dict(attention_out_bias=cfg.attention_bias, attention_sinks=True, norm_topk_prob=True,
+                    router_bias=True, expert_bias=True, qk_norm=False, norm_placement="pre", norm_offset=False,
+                    embed_scale=False, nope_layers=(), hidden_act="silu", attn_logit_softcap=None,
+                    final_logit_softcap=None, query_pre_attn_scalar=None, rope_local_theta=None)
+    for field, value in expected.items():
+        require(getattr(cfg, field) == value, f"{cfg.name}: {arch} needs {field}={value}")
+    require(cfg.swiglu_limit is not None, f"{cfg.name}: {arch} needs swiglu_limit (its clamped SwiGLU)")
+    require(cfg.rope_scaling is None or cfg.rope_scaling[0] == "yarn",
+            f"{cfg.name}: {arch} exports YaRN rope scaling only, not {cfg.rope_scaling}")
+    layer_types = list(cfg.layer_types or (["sliding_attention"] * cfg.num_layers if cfg.sliding_window
+                                           else ["full_attention"] * cfg.num_layers))
+    rope: dict = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        _, factor, fast, slow, original, truncate = cfg.rope_scaling
+        rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": factor, "beta_fast": fast,
+                "beta_slow": slow, "original_max_position_embeddings": original, "truncate": truncate}
+    return {
+        **llama_hf.shape_to_hf(cfg, _MODEL_TYPES[arch]), "hidden_act": "silu",
+        "attention_bias": cfg.attention_bias, "sliding_window": cfg.sliding_window or 128,
+        "layer_types": layer_types, "rope_parameters": rope, "rope_theta": cfg.rope_theta,
+        "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"} if cfg.rope_scaling else None,
+        "num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+        "swiglu_limit": cfg.swiglu_limit, "swiglu_alpha": cfg.swiglu_alpha,
+        "router_aux_loss_coef": cfg.router_aux_loss_coef, "router_z_loss_coef": cfg.router_z_loss_coef,
+        "output_router_logits": False,
+    }
+
+
 def config_from_hf(hf: dict, name: str, arch: str) -> MoEConfig:
+    if arch == "GptOssForCausalLM":
+        return _gpt_oss_from_hf(hf, name, arch)
     is_qwen = arch == "Qwen3MoeForCausalLM"
     require(not hf.get("router_jitter_noise"), f"{arch}: router_jitter_noise is not supported")
     if is_qwen:
@@ -45,6 +126,11 @@ def config_from_hf(hf: dict, name: str, arch: str) -> MoEConfig:
 
 def config_to_hf(cfg: MoEConfig) -> dict:
     arch = cfg.architecture
+    if arch == "GptOssForCausalLM":
+        return _gpt_oss_to_hf(cfg)
+    require(not (cfg.router_bias or cfg.expert_bias or cfg.attention_sinks or cfg.attention_out_bias) and
+            cfg.swiglu_limit is None, f"{cfg.name}: router/expert biases, sinks, o_proj bias and the clamped "
+            "SwiGLU are only exported as GptOssForCausalLM")
     is_qwen = arch == "Qwen3MoeForCausalLM"
     require(cfg.norm_topk_prob or is_qwen, f"{cfg.name}: {arch} always renormalises (needs norm_topk_prob=True)")
     require(cfg.rope_scaling is None, f"{cfg.name}: {arch} has no Llama-3 rope scaling")
@@ -69,6 +155,20 @@ def config_to_hf(cfg: MoEConfig) -> dict:
 def weights(cfg: MoEConfig) -> list[Rule]:
     d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     L, LE = (("i", cfg.num_layers),), (("i", cfg.num_layers), ("e", e))
+    if cfg.architecture == "GptOssForCausalLM":  # experts stored together; gate/up interleaved
+        m, a = "model.layers.{i}.mlp.", "model.layers.{i}.self_attn."
+        return llama_hf.decoder_weights(cfg, [
+            Rule(m + "router.weight", ("layers/mlp/router/kernel",), "linear", (e, d), L),
+            Rule(m + "router.bias", ("layers/mlp/router/bias",), "copy", (e,), L),
+            Rule(m + "experts.gate_up_proj", ("layers/mlp/gate_proj", "layers/mlp/up_proj"), "interleaved",
+                 (e, d, 2 * f), L),
+            Rule(m + "experts.gate_up_proj_bias", ("layers/mlp/gate_bias", "layers/mlp/up_bias"), "interleaved",
+                 (e, 2 * f), L),
+            Rule(m + "experts.down_proj", ("layers/mlp/down_proj",), "copy", (e, f, d), L),
+            Rule(m + "experts.down_proj_bias", ("layers/mlp/down_bias",), "copy", (e, d), L),
+            Rule(a + "o_proj.bias", ("layers/attn/o_proj/bias",), "copy", (d,), L),
+            Rule(a + "sinks", ("layers/attn/sinks",), "copy", (cfg.num_heads,), L),
+        ])
     if cfg.architecture == "MixtralForCausalLM":  # w1 gate, w3 up, w2 down
         m = "model.layers.{i}.block_sparse_moe."
         names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
@@ -84,3 +184,4 @@ def weights(cfg: MoEConfig) -> list[Rule]:
 
 ARCHITECTURES: dict[str, ArchSpec] = {arch: llama_hf.decoder_spec(arch, config_from_hf, config_to_hf, weights)
                                       for arch in MoEConfig.ARCHITECTURES}
+ARCHITECTURES["GptOssForCausalLM"] = dataclasses.replace(ARCHITECTURES["GptOssForCausalLM"], mxfp4=True)

@@ -1,10 +1,14 @@
-"""Mixture-of-experts decoders: Mixtral and Qwen3-MoE.
+"""Mixture-of-experts decoders: Mixtral, Qwen3-MoE and GPT-OSS.
 
 The Llama decoder (zoo/models/llama/model.py: attention, norms, RoPE, layer scan) with each
 layer's MLP replaced by `MoEMLP`: a top-k router over E SwiGLU experts and a
 capacity-free (dropless) dispatch. Every token's k (token, expert) pairs are sorted
 by expert and the experts run as one grouped matmul (`jax.lax.ragged_dot`) over the
 sorted rows, so no token is ever dropped however unbalanced the routing.
+
+GPT-OSS adds a router bias, expert biases and its clamped SwiGLU
+(`clamped_swiglu`); its routing (softmax over the top-k logits) is the renormalised
+top-k of the full softmax, so `route` serves it unchanged.
 
 Expert weights carry the logical axis `expert` (zoo/sharding.py maps it to the
 `expert` mesh axis) beside `embed` (fsdp) and `mlp` (tensor).
@@ -52,8 +56,21 @@ def route(logits_NE, k: int, normalize: bool):
     return weights_Nk, experts_Nk.astype(jnp.int32), probs_NE
 
 
-def dispatch_experts(x_ND, experts_Nk, weights_Nk, w_gate_EDF, w_up_EDF, w_down_EFD, activation: Callable):
-    """Dropless expert computation: sum_j weights[n, j] * expert_{experts[n, j]}(x[n]).
+def clamped_swiglu(alpha: float, limit: float) -> Callable:
+    """GPT-OSS's expert activation: (clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g),
+    g = min(gate, limit)."""
+    def glu(gate, up):
+        gate = jnp.minimum(gate, limit)
+        up = jnp.clip(up, -limit, limit)
+        return (up + 1.0) * (gate * jax.nn.sigmoid(alpha * gate))
+    return glu
+
+
+def dispatch_experts(x_ND, experts_Nk, weights_Nk, w_gate_EDF, w_up_EDF, w_down_EFD, glu: Callable,
+                     biases=None):
+    """Dropless expert computation: sum_j weights[n, j] * expert_{experts[n, j]}(x[n]), where
+    expert e(x) = glu(x W_gate[e] + b_gate[e], x W_up[e] + b_up[e]) W_down[e] + b_down[e]
+    (`biases` = (b_gate [E, F], b_up [E, F], b_down [E, D]) or None).
 
     The N*k (token, expert) pairs are sorted by expert so that each expert's rows are
     contiguous; `ragged_dot` multiplies every group by its own expert's matrices with
@@ -67,7 +84,13 @@ def dispatch_experts(x_ND, experts_Nk, weights_Nk, w_gate_EDF, w_up_EDF, w_down_
     x_sorted_MD = jnp.take(x_ND, order_M // k, axis=0)
     gate_MF = jax.lax.ragged_dot(x_sorted_MD, w_gate_EDF, group_sizes_E)
     up_MF = jax.lax.ragged_dot(x_sorted_MD, w_up_EDF, group_sizes_E)
-    y_sorted_MD = jax.lax.ragged_dot(activation(gate_MF) * up_MF, w_down_EFD, group_sizes_E)
+    if biases is not None:
+        sorted_experts_M = jnp.take(experts_M, order_M)
+        b_gate, b_up, b_down = (jnp.take(b, sorted_experts_M, axis=0) for b in biases)
+        gate_MF, up_MF = gate_MF + b_gate, up_MF + b_up
+    y_sorted_MD = jax.lax.ragged_dot(glu(gate_MF, up_MF), w_down_EFD, group_sizes_E)
+    if biases is not None:
+        y_sorted_MD = y_sorted_MD + b_down
     y_MD = jnp.zeros_like(y_sorted_MD).at[order_M].set(y_sorted_MD, unique_indices=True)
     return jnp.einsum("NkD,Nk->ND", y_MD.reshape(n, k, -1), weights_Nk.astype(y_MD.dtype))
 
@@ -87,6 +110,10 @@ class MoEMLP(nn.Module):
     num_experts_per_tok: int
     norm_topk_prob: bool = True
     activation: str = "silu"
+    router_bias: bool = False  # GPT-OSS
+    expert_bias: bool = False  # GPT-OSS: gate/up biases [E, F], down bias [E, D]
+    swiglu_limit: float | None = None  # GPT-OSS: `clamped_swiglu(swiglu_alpha, swiglu_limit)`
+    swiglu_alpha: float = 1.702
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -96,7 +123,7 @@ class MoEMLP(nn.Module):
         e, f = self.num_experts, self.intermediate_size
         x_ND = x_BTD.reshape(b * t, d)
         # Routing decisions in float32, whatever the compute dtype: bf16 logits flip top-k ties.
-        logits_NE = Dense((e,), ("embed",), (None,), name="router", dtype=jnp.float32,
+        logits_NE = Dense((e,), ("embed",), (None,), use_bias=self.router_bias, name="router", dtype=jnp.float32,
                           param_dtype=self.param_dtype)(x_ND)
         weights_Nk, experts_Nk, probs_NE = route(logits_NE, self.num_experts_per_tok, self.norm_topk_prob)
 
@@ -106,8 +133,19 @@ class MoEMLP(nn.Module):
         w_gate_EDF = expert_param("gate_proj", (e, d, f), ("expert", "embed", "mlp"))
         w_up_EDF = expert_param("up_proj", (e, d, f), ("expert", "embed", "mlp"))
         w_down_EFD = expert_param("down_proj", (e, f, d), ("expert", "mlp", "embed"))
+        biases = None
+        if self.expert_bias:
+            zeros = nn.initializers.zeros
+            biases = tuple(self.param(name, param_with_axes(zeros, axes), shape, self.param_dtype).astype(self.dtype)
+                           for name, shape, axes in (("gate_bias", (e, f), ("expert", "mlp")),
+                                                     ("up_bias", (e, f), ("expert", "mlp")),
+                                                     ("down_bias", (e, d), ("expert", "embed"))))
+        if self.swiglu_limit is not None:
+            glu = clamped_swiglu(self.swiglu_alpha, self.swiglu_limit)
+        else:
+            glu = lambda gate, up, act=ACTIVATIONS[self.activation]: act(gate) * up
         y_ND = dispatch_experts(x_ND.astype(self.dtype), experts_Nk, weights_Nk, w_gate_EDF, w_up_EDF, w_down_EFD,
-                                ACTIVATIONS[self.activation])
+                                glu, biases)
 
         valid_N = (jnp.ones((b * t,), jnp.float32) if segment_ids_BT is None
                    else (segment_ids_BT.reshape(-1) > 0).astype(jnp.float32))
@@ -150,7 +188,7 @@ def aux_losses(stats_L: dict, num_experts: int) -> dict:
 
 
 class MoEDecoder(Llama):
-    """MixtralForCausalLM / Qwen3MoeForCausalLM: `apply(params, input_ids, attention_mask=None,
+    """MixtralForCausalLM / Qwen3MoeForCausalLM / GptOssForCausalLM: `apply(params, input_ids, attention_mask=None,
     *, positions, segment_ids)` -> logits; with mutable=["aux_loss"] the auxiliary losses too."""
 
     cfg: MoEConfig
@@ -160,7 +198,9 @@ class MoEDecoder(Llama):
         """Routed experts in place of the dense MLP."""
         cfg = self.cfg
         return partial(MoEMLP, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                       cfg.norm_topk_prob, cfg.hidden_act, **kw)
+                       cfg.norm_topk_prob, cfg.hidden_act, router_bias=cfg.router_bias,
+                       expert_bias=cfg.expert_bias, swiglu_limit=cfg.swiglu_limit, swiglu_alpha=cfg.swiglu_alpha,
+                       **kw)
 
     def layer_outputs(self, outputs_L, segment_ids_BT) -> None:
         """Sows the auxiliary losses (a no-op unless "aux_loss" is mutable)."""
