@@ -99,8 +99,8 @@ CHECKPOINTS: dict[str, Checkpoint] = {
     # GPT-OSS: sinks, biases everywhere, YaRN over 16 original positions, sliding (4) / full layers,
     # GQA 4, a SwiGLU limit low enough to clamp, odd vocabulary
     "gpt_oss": Checkpoint("GptOssForCausalLM", "GptOssConfig",
-                          dict(**{**_MOE, "vocab_size": VOCAB + 3, "num_hidden_layers": 3, "num_key_value_heads": 1}, intermediate_size=48,
-                               num_local_experts=4, head_dim=16, sliding_window=4,
+                          dict(**{**_MOE, "vocab_size": VOCAB + 3, "num_hidden_layers": 3, "num_key_value_heads": 1},
+                               intermediate_size=48, num_local_experts=4, head_dim=16, sliding_window=4,
                                swiglu_limit=0.6, tie_word_embeddings=False,
                                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                 "beta_fast": 8.0, "beta_slow": 1.0,
