@@ -68,6 +68,7 @@ TABLE = (
     # encoders at their 512 positions, masked-LM objective
     ("roberta-large", "v5e:2x2", "fsdp=-1", 32, 512, "full"),
     ("xlm-roberta-large", "v5e:2x2", "fsdp=-1", 32, 512, "full"),
+    ("modernbert-large", "v5e:2x2", "fsdp=-1", 16, 2048, "full"),
     # encoder-decoders: span corruption, 1024-token inputs
     ("mt5-xl", "v6e:2x2", "fsdp=-1", 8, 1024, "full"),
     ("umt5-xl", "v6e:2x2", "fsdp=-1", 8, 1024, "full"),

@@ -33,6 +33,11 @@ _BERT = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num
 # buckets; the decoder is deeper than the encoder to catch mix-ups.
 _T5 = dict(vocab_size=VOCAB, d_model=HIDDEN, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=3, num_heads=HEADS,
            relative_attention_num_buckets=12, relative_attention_max_distance=20, decoder_start_token_id=0)
+_MODERNBERT = dict(vocab_size=VOCAB + 3, hidden_size=HIDDEN, num_hidden_layers=4, num_attention_heads=HEADS,
+                   intermediate_size=48, max_position_embeddings=64, global_attn_every_n_layers=3, local_attention=4,
+                   global_rope_theta=1000.0, local_rope_theta=50.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                   cls_token_id=1, sep_token_id=2, num_labels=3)
+_MODERNBERT_KEY = "layers.2.attn.Wqkv.weight"
 _DECODER_KEY = "model.layers.1.self_attn.k_proj.weight"  # [K*H, D] = [32, 64]
 _BERT_KEY = "encoder.layer.1.attention.self.key.weight"
 
@@ -50,6 +55,11 @@ class Checkpoint:
     norm_base: float = 1.0  # where 1-D weights (norm scales) are centred; 0 for Gemma's (1 + w)
     untie: bool = False  # give T5 its own lm_head (transformers 5 always ties), as Flan-T5 has
     not_exported: tuple[str, ...] = ()  # buffers a checkpoint may hold that the export leaves out
+    token_types: bool = True  # an encoder that takes token_type_ids (ModernBERT does not)
+    # Outputs at padded positions are compared too (BERT's padded queries see the real tokens).
+    # ModernBERT's local layers can leave a padded query no key at all: the zoo gives zeros, HF's
+    # eager softmax over all-minimum logits averages every value; neither means anything.
+    padded_outputs_compared: bool = True
 
 
 # name -> checkpoint. Every HF architecture in zoo.registry has at least one; each variant
@@ -123,6 +133,14 @@ CHECKPOINTS: dict[str, Checkpoint] = {
        for name, arch, prefix in ((backbone, f"{config[:-6]}Model", ""),
                                   (f"{backbone}-mlm", f"{config[:-6]}ForMaskedLM", "roberta."),
                                   (f"{backbone}-cls", f"{config[:-6]}ForSequenceClassification", "roberta."))},
+    # ModernBERT: 4 layers (global, local, local, global), windows of 2 each way, two RoPE bases,
+    # odd vocabulary; the classifier pools the mean over real tokens
+    **{name: Checkpoint(arch, "ModernBertConfig", dict(**_MODERNBERT, **extra), damage_key=prefix + _MODERNBERT_KEY,
+                        token_types=False, padded_outputs_compared=False)
+       for name, arch, prefix, extra in (
+           ("modernbert", "ModernBertModel", "", {}),
+           ("modernbert-mlm", "ModernBertForMaskedLM", "model.", {}),
+           ("modernbert-cls", "ModernBertForSequenceClassification", "model.", {"classifier_pooling": "mean"}))},
     "t5-v1.0": Checkpoint("T5ForConditionalGeneration", "T5Config",
                           dict(**_T5, feed_forward_proj="relu", tie_word_embeddings=True),
                           damage_key="decoder.block.2.layer.1.EncDecAttention.k.weight", matrix_std=0.15),
@@ -219,6 +237,14 @@ def model_inputs(kind: str, seed: int = 0) -> list[dict[str, np.ndarray]]:
         mask[1, 7:], mask[2, 4:], dec_mask[1, 5:], dec_mask[2, 2:] = 0, 0, 0, 0
         return [dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)]
     raise ValueError(f"unknown kind {kind!r}")
+
+
+def checkpoint_inputs(name: str, kind: str, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """`model_inputs(kind, seed)` as checkpoint `name`'s model takes them (no token types where it has none)."""
+    batches = model_inputs(kind, seed)
+    if not CHECKPOINTS[name].token_types:
+        batches = [{k: v for k, v in b.items() if k != "token_type_ids"} for b in batches]
+    return batches
 
 
 def torch_outputs(model, inputs: dict[str, np.ndarray], **kwargs) -> list[np.ndarray]:

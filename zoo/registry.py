@@ -27,6 +27,9 @@ from zoo.models.gpt2.model import GPT2
 from zoo.models.llama import config as llama_config
 from zoo.models.llama import hf as llama_hf
 from zoo.models.llama.model import Llama
+from zoo.models.modernbert import config as modernbert_config
+from zoo.models.modernbert import hf as modernbert_hf
+from zoo.models.modernbert.model import build_modernbert
 from zoo.models.moe import config as moe_config
 from zoo.models.moe import hf as moe_hf
 from zoo.models.moe.model import MoEDecoder
@@ -145,6 +148,9 @@ register(Family("moe", moe_config.MoEConfig, MoEDecoder, kind="decoder", objecti
 register(Family("bert", bert_config.BertConfig, build_bert, kind="encoder", objectives=("mlm", "cls"),
                 tasks=("pretrain", "classify"), eval_task=None, hf_specs=bert_hf.ARCHITECTURES,
                 presets=bert_config.PRESETS))
+register(Family("modernbert", modernbert_config.ModernBertConfig, build_modernbert, kind="encoder",
+                objectives=("mlm", "cls"), tasks=("pretrain", "classify"), eval_task=None,
+                hf_specs=modernbert_hf.ARCHITECTURES, presets=modernbert_config.PRESETS))
 register(Family("t5", t5_config.T5Config, T5, kind="encoder-decoder", objectives=("span", "seq2seq"),
                 tasks=("pretrain", "seq2seq"), eval_task="seq2seq", hf_specs=t5_hf.ARCHITECTURES,
                 presets=t5_config.PRESETS))

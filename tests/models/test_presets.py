@@ -46,6 +46,8 @@ PUBLISHED = {
     "roberta-large": 355.41e6,
     "xlm-roberta-base": 278.30e6,
     "xlm-roberta-large": 560.14e6,
+    "modernbert-base": 149.66e6,  # the MLM checkpoints on the hub (149M / 395M)
+    "modernbert-large": 395.88e6,
     "t5-small": 60.51e6,
     "t5-base": 222.90e6,
     "t5-large": 737.67e6,

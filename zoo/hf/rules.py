@@ -46,7 +46,8 @@ class Rule:
     zoo: "/"-joined paths into the params tree (several for "fused").
     layout: one of LAYOUTS.
     hf_shape: the HF tensor's shape (one stacked index).
-    stack: (placeholder, size) pairs, in the order of the zoo parameter's leading axes.
+    stack: (placeholder, size) or (placeholder, size, first HF index) entries, in the order of
+        the zoo parameter's leading axes (ModernBERT's scanned layers start at HF layer 1).
     """
 
     hf: str
@@ -61,9 +62,10 @@ class Rule:
 
     def expand(self):
         """Yields (hf_key, stacked index) for every tensor this rule covers."""
-        names = [n for n, _ in self.stack]
-        for idx in itertools.product(*(range(size) for _, size in self.stack)):
-            yield self.hf.format(**dict(zip(names, idx))), idx
+        names = [entry[0] for entry in self.stack]
+        starts = [entry[2] if len(entry) > 2 else 0 for entry in self.stack]
+        for idx in itertools.product(*(range(entry[1]) for entry in self.stack)):
+            yield self.hf.format(**{n: i + s for n, i, s in zip(names, idx, starts)}), idx
 
     def to_zoo(self, x: np.ndarray, zoo_shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
         """HF tensor -> zoo pieces (one stacked index each), following the layout."""

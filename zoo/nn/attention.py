@@ -46,6 +46,9 @@ class SelfAttention(nn.Module):
     logits_soft_cap: float | None = None
     sinks: bool = False  # GPT-OSS: a learned logit per head that takes softmax mass (kernels.attention)
     causal: bool = True
+    # Not causal (ModernBERT's local layers): the window reaches both ways, |i - j| <= sliding_window.
+    # kernels.attention's window only reaches back, so these layers run "xla" with the window as a bias.
+    window_both_ways: bool = False
     attention_impl: str | None = None
     decode: bool = False  # keep a KV cache in the "cache" collection (zoo/inference/decoder.py)
     dtype: Any = jnp.float32
@@ -73,6 +76,11 @@ class SelfAttention(nn.Module):
         return q_BTNH, k_BSKH
 
     def attend(self, q, k, v, *, causal, segment_ids, sliding_window, sinks=None):
+        if self.window_both_ways and sliding_window is not None and not causal:
+            offset_TS = jnp.arange(k.shape[1])[None, :] - jnp.arange(q.shape[1])[:, None]
+            bias_11TS = jnp.where(jnp.abs(offset_TS) <= sliding_window, 0.0, -1e30)[None, None]
+            return kernels.attention(q, k, v, segment_ids=segment_ids, scale=self.scale, bias=bias_11TS,
+                                     logits_soft_cap=self.logits_soft_cap, sinks=sinks, implementation="xla")
         return kernels.attention(q, k, v, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
                                  scale=self.scale, logits_soft_cap=self.logits_soft_cap, sinks=sinks,
                                  implementation=self.attention_impl)

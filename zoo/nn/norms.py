@@ -36,19 +36,22 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with bias, statistics in float32."""
+    """LayerNorm, statistics in float32; `use_bias=False` drops the bias (ModernBERT)."""
 
     eps: float = 1e-5
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
         scale = self.param("scale", param_with_axes(nn.initializers.ones, ("embed",)), (d,), self.param_dtype)
-        bias = self.param("bias", param_with_axes(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype)
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", param_with_axes(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 
 from kernels import IMPLEMENTATIONS
 from zoo import data as zoo_data
+from zoo import registry
 from zoo.argtypes import host_port, non_negative_float, non_negative_int, positive_int
 from zoo.configs import DTYPES, REMAT_POLICIES
 from zoo.objectives import OBJECTIVES
@@ -192,8 +193,6 @@ class TrainConfig:
         """--objective as given, or the pretraining objective of `cfg`'s family (zoo.registry)."""
         if self.objective is not None:
             return self
-        from zoo import registry  # the registry imports every family; config stays light to import
-
         return self.replace(objective=registry.of(cfg).objectives[0])
 
     def finish(self) -> TrainConfig:
