@@ -11,6 +11,7 @@ contract test suite (tests/models/test_contract.py) find it here.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -54,6 +55,9 @@ class Family:
     hf_specs: dict[str, ArchSpec]  # HF `architectures` name -> its table (zoo/models/<family>/hf.py)
     presets: tuple[ModelConfig, ...] = ()  # its named presets (zoo/models/<family>/config.py), tiny ones included
     learned_positions: bool = False  # absolute learned position table: prompt + new tokens must fit max_seq_len
+    # HF classes that import into this family as one of its own (Gemma 3's multimodal class: its text
+    # tower, a Gemma3ForCausalLM); never exported under that name
+    hf_imports: dict[str, ArchSpec] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -69,6 +73,10 @@ class Family:
     def hf_architectures(self) -> tuple[str, ...]:
         """The HF `architectures` names it imports and exports."""
         return tuple(self.hf_specs)
+
+    def spec(self, arch: str) -> ArchSpec:
+        """The table of HF class `arch`: one it round-trips, or an import-only one."""
+        return self.hf_specs[arch] if arch in self.hf_specs else self.hf_imports[arch]
 
     @property
     def generates(self) -> bool:
@@ -116,9 +124,9 @@ def supporting(*, task: str | None = None, objective: str | None = None) -> tupl
 
 def by_architecture(arch: str) -> Family:
     """The family that imports the HF class `arch` (ValueError naming the supported ones if none);
-    its table is `by_architecture(arch).hf_specs[arch]`."""
+    its table is `by_architecture(arch).spec(arch)`."""
     for f in FAMILIES.values():
-        if arch in f.hf_specs:
+        if arch in f.hf_specs or arch in f.hf_imports:
             return f
     raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(architectures())}")
 
@@ -130,7 +138,7 @@ def config_class(class_name: str) -> type[ModelConfig] | None:
 
 def architectures() -> tuple[str, ...]:
     """Every HF `architectures` name some family imports, sorted."""
-    return tuple(sorted(a for f in FAMILIES.values() for a in f.hf_specs))
+    return tuple(sorted(a for f in FAMILIES.values() for a in (*f.hf_specs, *f.hf_imports)))
 
 
 register(Family("gpt2", gpt2_config.GPT2Config, GPT2, kind="decoder", objectives=("clm",), tasks=("pretrain",),
@@ -141,7 +149,7 @@ register(Family("llama", llama_config.LlamaConfig, Llama, kind="decoder", object
                 presets=llama_config.PRESETS))
 register(Family("gemma", gemma_config.GemmaConfig, Llama, kind="decoder", objectives=("clm",), tasks=("pretrain",),
                 eval_task="perplexity", hf_specs=gemma_hf.ARCHITECTURES,
-                presets=gemma_config.PRESETS))
+                presets=gemma_config.PRESETS, hf_imports=gemma_hf.IMPORTS))
 register(Family("moe", moe_config.MoEConfig, MoEDecoder, kind="decoder", objectives=("clm",), tasks=("pretrain",),
                 eval_task="perplexity", hf_specs=moe_hf.ARCHITECTURES,
                 presets=moe_config.PRESETS))

@@ -56,3 +56,42 @@ def test_full_size_train_step_compiles_for_tpu_and_fits(preset, topology):
     r = plan(zoo.config(preset, remat="full"), topology, batch_size=4, seq_len=4096)
     print(f"{preset} on {topology}: {r['hbm_bytes'] / 2**30:.1f} GiB of {r['capacity_bytes'] / 2**30:.0f} per device")
     assert r["status"] == "compiled" and r["fits"], r.get("message")
+
+
+@pytest.mark.torch
+def test_gemma3_multimodal_checkpoint_imports_its_text_tower(tmp_path):
+    """Gemma3ForConditionalGeneration (how Gemma 3 4B+ ship): the text tower imports as a
+    Gemma3ForCausalLM whose logits on text equal the multimodal model's; the vision tower and
+    projector are left out; the export is a Gemma3ForCausalLM transformers loads."""
+    import torch
+    import transformers
+
+    from hf_utils import model_inputs, save, torch_logits
+
+    text = dict(vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                head_dim=32, intermediate_size=128, max_position_embeddings=128, sliding_window=5,
+                query_pre_attn_scalar=24, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for key, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.08))
+    save(hf, tmp_path / "mm")
+    model, params = zoo.from_hf(tmp_path / "mm")
+    assert model.cfg.hf_architecture == "Gemma3ForCausalLM" and model.cfg.num_layers == 3
+    ids, mask = model_inputs("decoder", seed=4)[-1].values()
+    want = torch_logits(hf, ids, mask)
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
+    assert float(np.abs(got - want)[mask.astype(bool)].max()) <= 1e-4
+
+    zoo.to_hf(model, params, tmp_path / "text")
+    text_model = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager")
+    np.testing.assert_allclose(torch_logits(text_model.eval(), ids, mask)[mask.astype(bool)],
+                               want[mask.astype(bool)], atol=1e-4, rtol=0)

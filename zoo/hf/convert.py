@@ -37,7 +37,7 @@ from zoo.paths import check_new_dir, staged_dir
 def _spec(arch: str, where: str) -> ArchSpec:
     """The table of HF class `arch` (CheckpointError naming `where` and the supported classes if none)."""
     try:
-        return registry.by_architecture(arch).hf_specs[arch]
+        return registry.by_architecture(arch).spec(arch)
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from None
 

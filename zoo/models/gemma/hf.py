@@ -1,5 +1,10 @@
 """Gemma2ForCausalLM / Gemma3ForCausalLM <-> zoo Gemma: config translation; the weight table
-is the Llama decoder's with sandwich norms (zoo/models/llama/hf.py)."""
+is the Llama decoder's with sandwich norms (zoo/models/llama/hf.py).
+
+Gemma 3 4B and up ship as Gemma3ForConditionalGeneration (text + vision): its text tower
+imports (`IMPORTS`: config.json's text_config, the `model.language_model.*` tensors, the
+vision tower and projector left out) as a Gemma3ForCausalLM, which is what it exports as.
+"""
 
 from __future__ import annotations
 
@@ -90,3 +95,36 @@ def config_to_hf(cfg: GemmaConfig) -> dict:
 ARCHITECTURES: dict[str, ArchSpec] = {
     arch: llama_hf.decoder_spec(arch, config_from_hf, config_to_hf, llama_hf.weights)
     for arch in GemmaConfig.ARCHITECTURES}
+
+
+# The text tower's spellings: the hub's (language_model.model.*, language_model.lm_head) and
+# transformers 5's module paths (model.language_model.*)
+_TEXT_TOWER = ("language_model.model.", "model.language_model.")
+
+
+def _text_tower_config(hf: dict, name: str) -> GemmaConfig:
+    text = dict(hf.get("text_config") or {})
+    require(text, "Gemma3ForConditionalGeneration: config.json has no text_config")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if key not in text and key in hf:  # the outer config carries them in some releases
+            text[key] = hf[key]
+    return config_from_hf(text, name, "Gemma3ForCausalLM")
+
+
+def _text_tower_key(key: str) -> str:
+    """language_model.model.X / model.language_model.X -> model.X; language_model.lm_head -> lm_head."""
+    for prefix in _TEXT_TOWER:
+        if key.startswith(prefix):
+            return "model." + key[len(prefix):]
+    return key[len("language_model."):] if key.startswith("language_model.lm_head.") else key
+
+
+# Import-only classes: loaded as the family's own class (zoo.registry's `hf_imports`).
+IMPORTS: dict[str, ArchSpec] = {
+    "Gemma3ForConditionalGeneration": ArchSpec(
+        config_from_hf=_text_tower_config, config_to_hf=config_to_hf, weights=llama_hf.weights,
+        ignore=(r"^(model\.)?vision_tower\.", r"^(model\.)?multi_modal_projector\.",
+                r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
+        tied=lambda cfg: {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else {},
+        normalize_key=_text_tower_key),
+}
