@@ -63,6 +63,7 @@ TABLE = (
     ("smollm3-3b", "v5e:2x2", "fsdp=-1", 4, 4096, "full"),
     ("phi-3-mini", "v6e:2x2", "fsdp=-1", 8, 4096, "full"),
     ("phi-4", "v5p:2x2x1", "fsdp=-1", 8, 4096, "full"),
+    ("phi-4-mini", "v6e:2x2", "fsdp=-1", 8, 4096, "full"),
     ("gpt-oss-20b", "v5p:2x2x2", "fsdp=-1", 8, 4096, "full"),
     ("gpt-oss-120b", "v5p:4x4x2", "fsdp=-1", 32, 4096, "full"),
     # encoders at their 512 positions, masked-LM objective

@@ -115,6 +115,16 @@ CHECKPOINTS: dict[str, Checkpoint] = {
                                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                 "beta_fast": 8.0, "beta_slow": 1.0,
                                                 "original_max_position_embeddings": 16, "truncate": False})),
+    # Phi-3.5 / Phi-4-mini style: LongRoPE (short factors up to 16 positions, long beyond) on half of
+    # each head (partial_rotary_factor 0.5: 8 of 16 dims)
+    "phi3-longrope": Checkpoint("Phi3ForCausalLM", "Phi3Config",
+                                dict(**_COMMON, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                     original_max_position_embeddings=16,
+                                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                      "partial_rotary_factor": 0.5,
+                                                      "short_factor": [1.0, 1.3, 2.1, 3.7],
+                                                      "long_factor": [1.5, 4.0, 9.0, 17.0]}),
+                                damage_key="model.layers.1.self_attn.qkv_proj.weight"),
     "mixtral": Checkpoint("MixtralForCausalLM", "MixtralConfig",
                           dict(**_MOE, intermediate_size=96, num_local_experts=4)),
     # HF's default norm_topk_prob=False: the kept probabilities are not renormalised

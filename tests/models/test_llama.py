@@ -90,3 +90,26 @@ def test_switch_no_hf_class_has_is_refused_on_export(preset, changes, needle):
     """A config the HF class cannot express is refused, not written without the switch."""
     with pytest.raises(CheckpointError, match=needle):
         config_to_hf(zoo.config(preset, **changes))
+
+
+@pytest.mark.torch
+def test_longrope_switches_factors_past_original_max_like_transformers(hf_checkpoint):
+    """Phi-3 LongRoPE on half of each head: short factors while a call stays within
+    original_max_position_embeddings (16 here), long ones once it passes; logits equal
+    transformers' on both sides of the switch, and the two regimes really differ."""
+    import jax.numpy as jnp
+
+    from hf_utils import torch_logits
+
+    hf, path = hf_checkpoint("phi3-longrope")
+    model, params = zoo.from_hf(path)
+    assert model.cfg.rotary_dim == 8 and model.cfg.rope_scaling[0] == "longrope"
+    rng = np.random.default_rng(3)
+    for length in (16, 17, 30):
+        ids = rng.integers(3, 256, size=(2, length))
+        got = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+        assert float(np.abs(got - torch_logits(hf, ids)).max()) <= 1e-4, length
+    ids = jnp.asarray(rng.integers(3, 256, size=(1, 20)))
+    short = model.apply({"params": params}, ids[:, :16])
+    long = model.apply({"params": params}, ids)[:, :16]  # the same 16 tokens inside a longer call
+    assert float(jnp.abs(short - long).max()) > 1e-2

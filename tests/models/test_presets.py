@@ -35,6 +35,7 @@ PUBLISHED = {
     "smollm3-3b": 3.0751e9,
     "phi-3-mini": 3.8211e9,
     "phi-4": 14.660e9,
+    "phi-4-mini": 3.8360e9,
     "mixtral-8x7b": 46.703e9,
     "qwen3-30b-a3b": 30.532e9,
     "gpt-oss-20b": 20.915e9,  # the hub's bf16 checkpoint counts (the model card: 21B / 117B)

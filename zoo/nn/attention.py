@@ -11,7 +11,7 @@ from flax import linen as nn
 import kernels
 from zoo.nn.linear import Dense, param_with_axes
 from zoo.nn.norms import RMSNorm
-from zoo.nn.rope import apply_rope, rope_attention_factor, rope_frequencies
+from zoo.nn.rope import apply_rope, rope_attention_factor, rope_inv_freq
 from zoo.sharding import constrain
 
 
@@ -39,6 +39,7 @@ class SelfAttention(nn.Module):
     qk_norm_flat: bool = False  # OLMo 2: q/k norms over all heads of the projection, not per head
     rope_theta: float | None = None
     rope_scaling: tuple | None = None
+    rotary_dim: int | None = None  # Phi-4-mini: RoPE on the first rotary_dim of head_dim only (None: all)
     sliding_window: int | None = None
     layer_kinds: tuple | None = None  # distinct (sliding_window, rope_theta, rope_scaling); overrides the three
     layer_kind_ids: tuple[int, ...] | None = None  # per layer: its index into layer_kinds
@@ -68,12 +69,17 @@ class SelfAttention(nn.Module):
         _, theta, scaling = kind
         if theta is None:  # NoPE
             return q_BTNH, k_BSKH
-        inv_freq = rope_frequencies(self.head_dim, theta, scaling)
-        q_BTNH, k_BSKH = apply_rope(q_BTNH, positions_BT, inv_freq), apply_rope(k_BSKH, positions_BT, inv_freq)
+        r = self.rotary_dim or self.head_dim
+        inv_freq = rope_inv_freq(r, theta, scaling, positions_BT)
         factor = rope_attention_factor(scaling)
-        if factor != 1.0:  # YaRN scales cos and sin, so both rotated q and k
-            q_BTNH, k_BSKH = q_BTNH * jnp.asarray(factor, q_BTNH.dtype), k_BSKH * jnp.asarray(factor, k_BSKH.dtype)
-        return q_BTNH, k_BSKH
+
+        def rotate(x):
+            x_rot = apply_rope(x[..., :r], positions_BT, inv_freq)
+            if factor != 1.0:  # YaRN and LongRoPE scale cos and sin
+                x_rot = x_rot * jnp.asarray(factor, x.dtype)
+            return x_rot if r == self.head_dim else jnp.concatenate([x_rot, x[..., r:]], axis=-1)
+
+        return rotate(q_BTNH), rotate(k_BSKH)
 
     def attend(self, q, k, v, *, causal, segment_ids, sliding_window, sinks=None):
         if self.window_both_ways and sliding_window is not None and not causal:

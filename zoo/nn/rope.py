@@ -13,7 +13,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None = None) 
     divided by factor: Gemma 3's global layers); (factor, low_freq_factor, high_freq_factor,
     original_max_position) for Llama-3's piecewise frequency scaling; or ("yarn", factor,
     beta_fast, beta_slow, original_max_position, truncate) for YaRN (GPT-OSS), whose
-    rotated q and k are also multiplied by `rope_attention_factor`."""
+    rotated q and k are also multiplied by `rope_attention_factor`. LongRoPE (Phi-3) picks its
+    frequencies per call: `rope_inv_freq`."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     if scaling is None:
         return inv_freq
@@ -52,10 +53,26 @@ def _yarn_frequencies(head_dim, theta, factor, beta_fast, beta_slow, original_ma
 
 
 def rope_attention_factor(scaling: tuple | None) -> float:
-    """What YaRN multiplies cos and sin by (so q.k by its square): 0.1 ln(factor) + 1; else 1."""
+    """What cos and sin are multiplied by (so q.k by its square): YaRN's 0.1 ln(factor) + 1,
+    LongRoPE's given factor; else 1."""
+    if scaling is not None and scaling[0] == "longrope":
+        return float(scaling[4])
     if scaling is None or scaling[0] != "yarn" or scaling[1] <= 1:
         return 1.0
     return 0.1 * math.log(scaling[1]) + 1.0
+
+
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: tuple | None, positions_BT: jax.Array) -> jax.Array:
+    """Inverse frequencies [rotary_dim/2] for this call. LongRoPE, ("longrope", short_factors,
+    long_factors, original_max_position, attention_factor): each frequency divided by its
+    short factor, or by its long factor once the call reaches past original_max_position
+    (HF's rule: max(position_ids) + 1 > original_max, over the whole batch, per forward call)."""
+    if scaling is None or scaling[0] != "longrope":
+        return rope_frequencies(rotary_dim, theta, scaling)
+    _, short, long, original_max, _ = scaling
+    base = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    long_reached = jnp.max(positions_BT) + 1 > original_max
+    return base / jnp.where(long_reached, jnp.asarray(long, jnp.float32), jnp.asarray(short, jnp.float32))
 
 
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:

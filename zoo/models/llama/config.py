@@ -20,7 +20,8 @@ class LlamaConfig(ModelConfig):
     architecture: str = "LlamaForCausalLM"  # the HF class this config round-trips as
     rope_theta: float = 10000.0
     # (factor,) linear; (factor, low_freq_factor, high_freq_factor, original_max_position) Llama 3;
-    # ("yarn", factor, beta_fast, beta_slow, original_max_position, truncate) YaRN (zoo/nn/rope.py)
+    # ("yarn", factor, beta_fast, beta_slow, original_max_position, truncate) YaRN;
+    # ("longrope", short_factors, long_factors, original_max_position, attention_factor) Phi-3 (zoo/nn/rope.py)
     rope_scaling: tuple | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
@@ -40,6 +41,7 @@ class LlamaConfig(ModelConfig):
     query_pre_attn_scalar: float | None = None  # Gemma 2/3: logits scaled by this ** -0.5, not head_dim's
     attn_logit_softcap: float | None = None  # Gemma 2: c * tanh(logits / c)
     final_logit_softcap: float | None = None  # Gemma 2: on the output logits
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE on this fraction of head_dim
     attention_out_bias: bool = False  # GPT-OSS: o_proj has a bias too
     attention_sinks: bool = False  # GPT-OSS: a learned per-head logit in every softmax (kernels.attention)
 
@@ -77,11 +79,29 @@ class LlamaConfig(ModelConfig):
             raise ValueError(f"{self.name}: nope_layers must be layer indices below {self.num_layers}")
         if isinstance(self.rope_scaling, list):  # JSON gives lists back
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
-        yarn = self.rope_scaling is not None and self.rope_scaling[0] == "yarn"
-        if self.rope_scaling is not None and not (len(self.rope_scaling) in (1, 4) or
-                                                  (yarn and len(self.rope_scaling) == 6)):
-            raise ValueError(f"{self.name}: rope_scaling is (factor,), (factor, low, high, original_max) or "
-                             "('yarn', factor, beta_fast, beta_slow, original_max, truncate)")
+        kind = self.rope_scaling[0] if self.rope_scaling is not None and isinstance(self.rope_scaling[0], str) \
+            else None
+        if self.rope_scaling is not None and not ((kind is None and len(self.rope_scaling) in (1, 4)) or
+                                                  (kind == "yarn" and len(self.rope_scaling) == 6) or
+                                                  (kind == "longrope" and len(self.rope_scaling) == 5)):
+            raise ValueError(f"{self.name}: rope_scaling is (factor,), (factor, low, high, original_max), "
+                             "('yarn', factor, beta_fast, beta_slow, original_max, truncate) or "
+                             "('longrope', short_factors, long_factors, original_max, attention_factor)")
+        rotary = self.rotary_dim
+        if rotary % 2 or not 0 < rotary <= self.head_dim:
+            raise ValueError(f"{self.name}: partial_rotary_factor {self.partial_rotary_factor} gives {rotary} "
+                             f"rotary dims of {self.head_dim}: needs an even number in 2..head_dim")
+        if kind == "longrope":
+            object.__setattr__(self, "rope_scaling", ("longrope", tuple(map(float, self.rope_scaling[1])),
+                                                      tuple(map(float, self.rope_scaling[2])),
+                                                      int(self.rope_scaling[3]), float(self.rope_scaling[4])))
+            if not len(self.rope_scaling[1]) == len(self.rope_scaling[2]) == rotary // 2:
+                raise ValueError(f"{self.name}: LongRoPE needs {rotary // 2} short and long factors")
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE rotates."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def attention_kinds(self) -> tuple[tuple, tuple[int, ...]]:
         """(the distinct (sliding_window, rope_theta, rope_scaling) of the layers, each layer's index
@@ -147,6 +167,12 @@ PRESETS = (
     LlamaConfig(name="phi-4", architecture="Phi3ForCausalLM", vocab_size=100352, hidden_size=5120,
         num_layers=40, num_heads=40, num_kv_heads=10, intermediate_size=17920, rope_theta=250000.0,
         rms_norm_eps=1e-5, max_seq_len=16384, bos_token_id=100257, eos_token_id=100265, pad_token_id=100351),
+    # Phi-4-mini: partial RoPE (3/4 of each head), GQA 24/8, tied 200k vocabulary. Its LongRoPE factors
+    # (past 4,096 positions) come with the checkpoint; this preset rotates as Phi-4-mini does up to 4,096.
+    LlamaConfig(name="phi-4-mini", architecture="Phi3ForCausalLM", vocab_size=200064, hidden_size=3072,
+        num_layers=32, num_heads=24, num_kv_heads=8, intermediate_size=8192, partial_rotary_factor=0.75,
+        tie_word_embeddings=True, rms_norm_eps=1e-5, max_seq_len=4096, bos_token_id=199999,
+        eos_token_id=199999, pad_token_id=199999),
     # tiny presets: one per family switch, for tests and CPU runs
     LlamaConfig(name="tiny-llama", num_kv_heads=2, rope_scaling=(8.0, 1.0, 4.0, 64), **TINY),
     LlamaConfig(name="tiny-mistral", architecture="MistralForCausalLM", num_kv_heads=2, sliding_window=16,
@@ -163,6 +189,8 @@ PRESETS = (
     LlamaConfig(name="tiny-smollm3", architecture="SmolLM3ForCausalLM", num_kv_heads=2, nope_layers=(1,),
         tie_word_embeddings=True, rms_norm_eps=1e-6, **TINY),
     LlamaConfig(name="tiny-phi3", architecture="Phi3ForCausalLM", num_kv_heads=2, sliding_window=16, **TINY),
+    LlamaConfig(name="tiny-phi3-longrope", architecture="Phi3ForCausalLM", num_kv_heads=2, partial_rotary_factor=0.5,
+        rope_scaling=("longrope", (1.0, 1.2, 1.9, 3.1), (1.4, 3.0, 8.0, 15.0), 64, 1.2), **TINY),
     # The embedded default run: a small Llama that learns on 2 CPU cores in minutes.
     LlamaConfig(name="small-llama", vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4,
         num_kv_heads=2, intermediate_size=768, max_seq_len=512, dtype="float32",

@@ -3,6 +3,7 @@ config translation and weight table (zoo.hf.rules). The moe family builds on bot
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from zoo.hf.rules import ArchSpec, Rule, get, require, token_ids_from_hf, token_ids_to_hf
@@ -29,6 +30,15 @@ def _rope_from_hf(hf: dict, arch: str) -> tuple[float, tuple | None]:
     kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
     if kind in (None, "default"):
         return float(theta), None
+    if arch == "Phi3ForCausalLM" and kind in ("longrope", "su"):  # LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini)
+        original = int(scaling.get("original_max_position_embeddings") or get(hf, "original_max_position_embeddings",
+                                                                                  4096))
+        factor = scaling.get("factor") or get(hf, "max_position_embeddings", 4096) / original
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return float(theta), ("longrope", tuple(scaling["short_factor"]), tuple(scaling["long_factor"]), original,
+                              float(attention))
     require(kind == "llama3", f"{arch}: rope scaling type {kind!r} is not supported (only 'llama3' or none)")
     return float(theta), (float(scaling["factor"]), float(scaling["low_freq_factor"]),
                           float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
@@ -37,8 +47,15 @@ def _rope_from_hf(hf: dict, arch: str) -> tuple[float, tuple | None]:
 def _rope_to_hf(cfg: LlamaConfig) -> dict:
     """Both spellings: transformers>=5 reads `rope_parameters`, older versions the rest."""
     params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.partial_rotary_factor != 1.0:
+        params["partial_rotary_factor"] = cfg.partial_rotary_factor
     legacy = None
-    if cfg.rope_scaling is not None:
+    if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "longrope":
+        _, short, long, original, attention = cfg.rope_scaling
+        legacy = {"rope_type": "longrope", "short_factor": list(short), "long_factor": list(long),
+                  "original_max_position_embeddings": original, "attention_factor": attention}
+        params.update(legacy)
+    elif cfg.rope_scaling is not None:
         factor, low, high, original = cfg.rope_scaling
         legacy = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
                   "original_max_position_embeddings": original}
@@ -66,8 +83,9 @@ def config_from_hf(hf: dict, name: str, arch: str) -> LlamaConfig:
     phi3 = arch == "Phi3ForCausalLM"
     window = hf.get("sliding_window") if arch in ("MistralForCausalLM", "Phi3ForCausalLM") or \
         "sliding_attention" in layer_types else None
-    require(not phi3 or (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0) == 1.0,
-            f"{arch}: partial_rotary_factor < 1 (Phi-4-mini) is not supported")
+    partial = float((hf.get("rope_parameters") or {}).get("partial_rotary_factor",
+                                                          hf.get("partial_rotary_factor", 1.0)))
+    require(phi3 or partial == 1.0, f"{arch}: partial_rotary_factor {partial} is not supported")
     nope = ()
     require(not hf.get("use_bidirectional_attention"), f"{arch}: use_bidirectional_attention is not supported")
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -85,7 +103,7 @@ def config_from_hf(hf: dict, name: str, arch: str) -> LlamaConfig:
         max_seq_len=get(hf, "max_position_embeddings", 2048), rope_theta=rope_theta, rope_scaling=rope_scaling,
         rms_norm_eps=get(hf, "rms_norm_eps", 1e-6), tie_word_embeddings=bool(hf.get("tie_word_embeddings", is_gemma)),
         sliding_window=window, layer_types=layer_types if "sliding_attention" in layer_types else None,
-        nope_layers=nope, attention_bias=attention_bias, qk_norm=arch in ("Qwen3ForCausalLM", "Olmo2ForCausalLM"),
+        nope_layers=nope, attention_bias=attention_bias, partial_rotary_factor=partial, qk_norm=arch in ("Qwen3ForCausalLM", "Olmo2ForCausalLM"),
         qk_norm_flat=olmo, norm_placement="post" if olmo else "pre", norm_offset=is_gemma,
         embed_scale=is_gemma, hidden_act=_ACTIVATIONS_FROM_HF[act],
         **token_ids_from_hf(hf, _TOKEN_DEFAULTS.get(arch, (None, None, None))),
@@ -121,8 +139,12 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     require(not cfg.nope_layers or smol, f"{cfg.name}: NoPE layers are only exported as SmolLM3ForCausalLM")
     require(cfg.layer_types is None or smol, f"{cfg.name}: per-layer kinds (layer_types) are only exported as "
             "SmolLM3ForCausalLM (or a Gemma class)")
-    require(cfg.rope_scaling is None or len(cfg.rope_scaling) == 4,
-            f"{cfg.name}: {arch} exports Llama-3 rope scaling only, not linear {cfg.rope_scaling}")
+    longrope = cfg.rope_scaling is not None and cfg.rope_scaling[0] == "longrope"
+    require(cfg.rope_scaling is None or len(cfg.rope_scaling) == 4 or (longrope and arch == "Phi3ForCausalLM"),
+            f"{cfg.name}: {arch} exports Llama-3 rope scaling (or LongRoPE as Phi3ForCausalLM) only, not "
+            f"{cfg.rope_scaling}")
+    require(cfg.partial_rotary_factor == 1.0 or arch == "Phi3ForCausalLM",
+            f"{cfg.name}: partial_rotary_factor < 1 is only exported as Phi3ForCausalLM")
     require(not olmo or cfg.head_dim * cfg.num_heads == cfg.hidden_size,
             f"{cfg.name}: {arch} needs head_dim * num_heads == hidden_size")
     out = {
@@ -136,7 +158,8 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
         out["sliding_window"] = cfg.sliding_window
     if arch == "Phi3ForCausalLM":
-        out["original_max_position_embeddings"] = cfg.max_seq_len
+        out["original_max_position_embeddings"] = cfg.rope_scaling[3] if longrope else cfg.max_seq_len
+        out["partial_rotary_factor"] = cfg.partial_rotary_factor
     if arch in ("Olmo2ForCausalLM", "SmolLM3ForCausalLM"):
         out["attention_bias"] = False
     if smol:

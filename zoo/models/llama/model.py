@@ -62,6 +62,7 @@ class Llama(nn.Module):
             make_attention=partial(
                 SelfAttention, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                 qkv_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias, sinks=cfg.attention_sinks,
+                rotary_dim=cfg.rotary_dim if cfg.rotary_dim != cfg.head_dim else None,
                 qk_norm_eps=cfg.rms_norm_eps if cfg.qk_norm else None,
                 qk_norm_offset=cfg.norm_offset, qk_norm_flat=cfg.qk_norm_flat, layer_kinds=kinds,
                 layer_kind_ids=kind_ids, attention_impl=cfg.attention_impl, decode=self.decode,
