@@ -60,10 +60,11 @@ def assert_same_step(single, sharded, *, keys=("loss", "grad_norm"), rtol=1e-5):
         np.testing.assert_allclose(m8[key], m1[key], rtol=rtol, err_msg=key)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p8)):
         name = jax.tree_util.keystr(path)
-        if name.endswith("['k_proj']['bias']"):
+        if name.endswith("['k_proj']['bias']") and np.linalg.norm(a) <= 1e-6:
             # a key bias gets an exactly-zero gradient (softmax ignores a constant shift of a query's
-            # logits): it moves only by reduction-order noise, so its bound is absolute, not relative
-            assert np.linalg.norm(a - b) <= 1e-8 and np.linalg.norm(a) <= 1e-6, (name, np.linalg.norm(a - b))
+            # logits): it moves only by reduction-order noise, so its bound is absolute, not relative.
+            # (With attention sinks the shift is not constant, the bias learns, and the relative bound holds.)
+            assert np.linalg.norm(a - b) <= 1e-8, (name, np.linalg.norm(a - b))
             continue
         rel = np.linalg.norm(a - b) / max(float(np.linalg.norm(a)), 1e-6)
         assert rel <= rtol, (name, rel)

@@ -113,6 +113,7 @@ def test_every_readme_command_is_run_or_listed():
     assert not stale, f"NOT_RUN names commands the README no longer has: {stale}"
 
 
+@pytest.mark.main_leg
 @pytest.mark.parametrize("where", ["readme_dir", "other_dir"])
 def test_readme_commands_run_with_relative_paths(where, workspace, tmp_path):
     ws = tmp_path / "ws"

@@ -49,6 +49,7 @@ def test_final_logit_soft_cap_bounds_logits():
 
 
 @pytest.mark.tpu_aot
+@pytest.mark.main_leg
 @pytest.mark.parametrize("preset, topology", [("gemma3-1b", "v5e:2x2")])
 def test_full_size_train_step_compiles_for_tpu_and_fits(preset, topology):
     """One preset in CI (the local/global switch and q/k norms in the scanned step); every new

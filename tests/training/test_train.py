@@ -142,6 +142,7 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path, corpus, capsys):
     assert straight["losses"][3:] == resumed["losses"]
 
 
+@pytest.mark.main_leg
 def test_train_script_small_mode_end_to_end(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     result = _run(["--model", "tiny-gpt2", "--data", str(corpus / "docs.jsonl"), "--steps", "4",
@@ -183,7 +184,7 @@ def test_help_documents_every_flag():
     (["--mesh", "data=3"], "data=3"),
     (["--mesh", "tensor=8", "--model", "tiny-llama"], "does not divide num_heads"),
     (["--model", "no-such-model"], "unknown model"),
-    (["--model", "tiny-bert"], "--objective clm trains"),
+    (["--model", "tiny-bert", "--objective", "clm"], "--objective clm trains"),
     (["--data", "/no/such/path"], "does not exist"),
     (["--steps", "0"], "--steps"),
     (["--batch-size", "ten"], "--batch-size"),
@@ -236,6 +237,7 @@ def test_bad_flag_exit_code_in_a_fresh_process():
     assert time.time() - t0 < 60
 
 
+@pytest.mark.main_leg
 def test_embedded_default_run(tmp_path):
     """`python train.py` as a user runs it: <= 5 minutes, loss falls >= 2 nats, a sample."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
