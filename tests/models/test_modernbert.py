@@ -70,3 +70,22 @@ def test_classification_learns_through_the_shared_train_step():
                                                   for k, v in batch.items()})
         losses.append(float(metrics["loss"]))
     assert np.mean(losses[-5:]) < 0.3 * np.mean(losses[:5])
+
+
+def test_mean_pooling_skips_padding_and_empty_rows_stay_finite():
+    """Mean pooling averages real tokens only (what padding holds does not matter), and a row with
+    no real token (fine-tuning's filler rows) gives finite logits and a finite loss."""
+    from zoo import objectives
+
+    cfg = zoo.config("tiny-modernbert-cls").replace(classifier_pooling="mean")
+    model = zoo.build(cfg)
+    ids = jnp.asarray(np.random.default_rng(2).integers(4, 512, size=(3, 10)))
+    seg = jnp.asarray([[1] * 10, [1] * 6 + [0] * 4, [0] * 10])
+    params = model.init(jax.random.key(0), ids)["params"]
+    out = model.apply({"params": params}, ids, segment_ids=seg)
+    other = model.apply({"params": params}, ids.at[1, 6:].set(9), segment_ids=seg)
+    np.testing.assert_allclose(np.asarray(out[1]), np.asarray(other[1]), atol=1e-5)
+    assert np.isfinite(np.asarray(out)).all()
+    batch = {"input_ids": ids, "segment_ids": seg, "labels": jnp.zeros((3, 10), jnp.int32)}
+    loss, _ = objectives.get("cls").loss_fn(model, params, batch, jax.random.key(0))
+    assert np.isfinite(float(loss))

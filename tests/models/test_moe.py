@@ -322,8 +322,16 @@ def test_mxfp4_checkpoint_imports_and_exports_unquantized(tmp_path):
     reloaded = transformers.GptOssForCausalLM.from_pretrained(tmp_path / "export").eval()
     np.testing.assert_array_equal(torch_logits(reloaded, ids, mask), want)
 
-    # a blocks tensor without its scales is named
-    del tensors["model.layers.0.mlp.experts.down_proj_scales"]
+    # a mis-shaped pair is refused from its header, before dequantising; a blocks tensor without
+    # its scales is named
+    key = "model.layers.0.mlp.experts.down_proj"
+    good = tensors[key + "_blocks"], tensors[key + "_scales"]
+    tensors[key + "_blocks"], tensors[key + "_scales"] = good[0][:, :32], good[1][:, :32]
+    save_file(tensors, quantized / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"down_proj_blocks.*shape \(4, 64, 32\), expected \(4, 64, 64\)"):
+        zoo.from_hf(quantized)
+    tensors[key + "_blocks"] = good[0]
+    del tensors[key + "_scales"]
     save_file(tensors, quantized / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="down_proj_blocks.*has no.*down_proj_scales"):
         zoo.from_hf(quantized)

@@ -140,19 +140,21 @@ def from_hf(path, dtype=jnp.float32):
                 continue
             read = None
             if spec.mxfp4 and key.endswith(("_blocks", "_scales")) and key not in expected:
-                key, read = _mxfp4_tensor(raw_key, owner)
+                name, read = _mxfp4_tensor(raw_key, owner)
                 if read is None:  # the scales: read with their blocks
                     continue
+                key = spec.normalize_key(name)
             if key not in expected:
                 raise CheckpointError(f"{file.path}: unexpected tensor {raw_key!r} for {cfg.hf_architecture}")
             if key in loaded:
                 raise CheckpointError(f"{file.path}: tensor {raw_key!r} appears twice in the checkpoint")
             rule, idx = expected[key]
-            shape = read()[1] if read is not None else file.shape(raw_key)
+            # (an MXFP4 pair's shape comes from its blocks' header: nothing is dequantised before the check)
+            shape = mxfp4.dequantized_shape(file.shape(raw_key)) if read is not None else file.shape(raw_key)
             if shape != rule.hf_shape:
                 raise CheckpointError(f"{file.path}: tensor {raw_key!r} has shape {shape}, "
                                       f"expected {rule.hf_shape}")
-            value = read()[0] if read is not None else file.read(raw_key)
+            value = read() if read is not None else file.read(raw_key)
             pieces = rule.to_zoo(value, [zoo_shapes[p][len(idx):] for p in rule.zoo])
             for p, piece in zip(rule.zoo, pieces):
                 buffers[p][idx] = piece  # casts to `dtype` in place
@@ -181,8 +183,8 @@ def from_hf(path, dtype=jnp.float32):
 
 def _mxfp4_tensor(raw_key: str, owner: dict):
     """For an MXFP4 `<name>_blocks` / `<name>_scales` key: (name, read) where read() gives the
-    dequantised float32 tensor and its shape (once, then cached), or (name, None) for the scales
-    (read with their blocks). A blocks key without its scales (or the reverse) is a CheckpointError."""
+    dequantised float32 tensor, or (name, None) for the scales (read with their blocks). A blocks
+    key without its scales (or the reverse) is a CheckpointError."""
     blocks_key = raw_key[: -len("_scales")] + "_blocks" if raw_key.endswith("_scales") else raw_key
     name = blocks_key[: -len("_blocks")]
     scales_key = name + "_scales"
@@ -191,16 +193,11 @@ def _mxfp4_tensor(raw_key: str, owner: dict):
             raise CheckpointError(f"{owner[raw_key].path}: MXFP4 tensor {raw_key!r} has no {needed!r} beside it")
     if raw_key == scales_key:
         return name, None
-    cache = {}
-
     def read():
-        if "value" not in cache:
-            try:
-                value = mxfp4.dequantize(owner[blocks_key].read(blocks_key), owner[scales_key].read(scales_key))
-            except ValueError as e:
-                raise CheckpointError(f"{owner[raw_key].path}: {raw_key!r}: {e}") from None
-            cache["value"] = value
-        return cache["value"], cache["value"].shape
+        try:
+            return mxfp4.dequantize(owner[blocks_key].read(blocks_key), owner[scales_key].read(scales_key))
+        except ValueError as e:
+            raise CheckpointError(f"{owner[raw_key].path}: {raw_key!r}: {e}") from None
 
     return name, read
 

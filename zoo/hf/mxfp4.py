@@ -34,6 +34,15 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(rows, -1, -2))
 
 
+def dequantized_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape `dequantize` returns for blocks of this shape, without reading them (a shape that
+    is not [..., R, G, 16] comes back as it is, for the caller's shape check to name)."""
+    if len(blocks_shape) < 3 or blocks_shape[-1] != 16:
+        return tuple(blocks_shape)
+    *lead, rows, groups, _ = blocks_shape
+    return (*lead, groups * 32, rows)
+
+
 def quantized_names(key: str) -> tuple[str, str]:
     """The (blocks, scales) tensor names that stand for `key` in an MXFP4 checkpoint."""
     return key + "_blocks", key + "_scales"

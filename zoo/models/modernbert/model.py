@@ -98,7 +98,9 @@ class ModernBert(nn.Module):
         else:  # mean over real tokens (all, without a mask)
             real_BT = (jnp.ones((b, t)) if attention_mask is None and segment_ids is None else
                        ((segment_ids if segment_ids is not None else attention_mask) > 0)).astype(x_BTD.dtype)
-            pooled_BD = jnp.einsum("BTD,BT->BD", x_BTD, real_BT) / jnp.sum(real_BT, axis=1, keepdims=True)
+            # a row with no real token (a batch's filler row in fine-tuning) pools to zeros, not 0/0
+            pooled_BD = jnp.einsum("BTD,BT->BD", x_BTD, real_BT) / jnp.maximum(jnp.sum(real_BT, axis=1, keepdims=True),
+                                                                                1.0)
         classifier = Dense((cfg.num_labels,), ("embed",), ("classes",), use_bias=True, name="classifier", **kw)
         return classifier(head(pooled_BD)).astype(jnp.float32)
 

@@ -166,8 +166,9 @@ def weights(cfg: MoEConfig) -> list[Rule]:
                  (e, 2 * f), L),
             Rule(m + "experts.down_proj", ("layers/mlp/down_proj",), "copy", (e, f, d), L),
             Rule(m + "experts.down_proj_bias", ("layers/mlp/down_bias",), "copy", (e, d), L),
-            Rule(a + "o_proj.bias", ("layers/attn/o_proj/bias",), "copy", (d,), L),
             Rule(a + "sinks", ("layers/attn/sinks",), "copy", (cfg.num_heads,), L),
+            *([Rule(a + "o_proj.bias", ("layers/attn/o_proj/bias",), "copy", (d,), L)] if cfg.attention_out_bias
+              else []),
         ])
     if cfg.architecture == "MixtralForCausalLM":  # w1 gate, w3 up, w2 down
         m = "model.layers.{i}.block_sparse_moe."
