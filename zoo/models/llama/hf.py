@@ -143,7 +143,7 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     longrope = cfg.rope_scaling is not None and cfg.rope_scaling[0] == "longrope"
     require(cfg.rope_scaling is None or len(cfg.rope_scaling) == 4 or (longrope and arch == "Phi3ForCausalLM"),
             f"{cfg.name}: {arch} exports Llama-3 rope scaling (or LongRoPE as Phi3ForCausalLM) only, not "
-            f"{cfg.rope_scaling}")
+            f"{'linear ' if cfg.rope_scaling and len(cfg.rope_scaling) == 1 else ''}{cfg.rope_scaling}")
     require(cfg.partial_rotary_factor == 1.0 or arch == "Phi3ForCausalLM",
             f"{cfg.name}: partial_rotary_factor < 1 is only exported as Phi3ForCausalLM")
     require(not olmo or cfg.head_dim * cfg.num_heads == cfg.hidden_size,
