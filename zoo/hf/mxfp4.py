@@ -42,7 +42,3 @@ def dequantized_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
     *lead, rows, groups, _ = blocks_shape
     return (*lead, groups * 32, rows)
 
-
-def quantized_names(key: str) -> tuple[str, str]:
-    """The (blocks, scales) tensor names that stand for `key` in an MXFP4 checkpoint."""
-    return key + "_blocks", key + "_scales"
