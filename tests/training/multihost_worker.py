@@ -1,8 +1,12 @@
 """One of the processes of test_multihost.py: `python multihost_worker.py <port> <process id> <rounds>`.
 
-While a background thread keeps issuing device-collective barriers (as orbax's async save
-does), the main thread gathers, barriers and agrees on a stop signal through zoo.multihost;
-it prints one JSON line of what it saw."""
+While a background thread issues device-collective barriers (as orbax's async save does),
+the main thread gathers, barriers and agrees on a stop signal through zoo.multihost; it
+prints one JSON line of what it saw.
+
+The side thread makes a fixed number of collectives, the same on both processes, and is
+joined before either process leaves: a collective its peer never joins (or one in flight
+when the peer exits) aborts the process (gloo 'Connection reset by peer')."""
 
 import json
 import os
@@ -21,14 +25,14 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 from zoo import multihost  # noqa: E402
 from zoo.training.distributed import StopRequest  # noqa: E402
 
-done = threading.Event()
+SIDE = 3 * rounds
+side_done = []
 
 
 def collectives():  # device collectives from another thread, in their own order on each process
-    n = 0
-    while not done.is_set():
+    for n in range(SIDE):
         multihost_utils.sync_global_devices(f"side-{n}")
-        n += 1
+        side_done.append(n)
 
 
 side = threading.Thread(target=collectives, daemon=True)
@@ -43,7 +47,9 @@ for i in range(rounds):
         stop.signal = "sigterm"  # only process 1 is signalled
     stops.append(stop.requested())
 stop.close()
-multihost.barrier("end")  # both main threads are done before either side thread stops
-done.set()
-print(json.dumps({"gathers": gathers, "stops": stops}), flush=True)
-os._exit(0)  # the side thread may be inside a collective its peer already left
+overlapped = len(side_done)  # side collectives finished while the main thread worked
+side.join()
+multihost.barrier("end")
+print(json.dumps({"gathers": gathers, "stops": stops, "side": len(side_done), "overlapped": overlapped}),
+      flush=True)
+jax.distributed.shutdown()  # leave together: the coordination service lives in process 0

@@ -34,5 +34,6 @@ def test_gathers_and_stop_agreement_across_two_processes_beside_device_collectiv
     expected = [[{"process": p, "round": i, "text": "x" * (i * p)} for p in range(2)] for i in range(ROUNDS)]
     half = ROUNDS // 2
     for s in seen:
+        assert s["side"] == 3 * ROUNDS and s["overlapped"] > 0  # device collectives ran beside the gathers
         assert s["gathers"] == expected
         assert s["stops"] == [None] * half + ["sigterm"] * (ROUNDS - half)
