@@ -37,6 +37,14 @@ _MODERNBERT = dict(vocab_size=VOCAB + 3, hidden_size=HIDDEN, num_hidden_layers=4
                    intermediate_size=48, max_position_embeddings=64, global_attn_every_n_layers=3, local_attention=4,
                    global_rope_theta=1000.0, local_rope_theta=50.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                    cls_token_id=1, sep_token_id=2, num_labels=3)
+# Llama 4: chunks of 5 (shorter than the test sequences), a temperature that bites early (floor 4,
+# scale 0.5), GQA 2, Llama 3 rope scaling with low == high frequency factor, odd vocabulary
+_LLAMA4 = dict(vocab_size=VOCAB + 3, hidden_size=HIDDEN, num_hidden_layers=4, num_attention_heads=HEADS,
+               num_key_value_heads=2, head_dim=16, intermediate_size=48, intermediate_size_mlp=96, num_local_experts=4,
+               max_position_embeddings=128, attention_chunk_size=5, floor_scale=4, attn_scale=0.5, bos_token_id=1,
+               eos_token_id=2, pad_token_id=0,
+               rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=16.0, low_freq_factor=1.0,
+                                    high_freq_factor=1.0, original_max_position_embeddings=16))
 _MODERNBERT_KEY = "layers.2.attn.Wqkv.weight"
 _DECODER_KEY = "model.layers.1.self_attn.k_proj.weight"  # [K*H, D] = [32, 64]
 _BERT_KEY = "encoder.layer.1.attention.self.key.weight"
@@ -125,6 +133,14 @@ CHECKPOINTS: dict[str, Checkpoint] = {
                                                       "short_factor": [1.0, 1.3, 2.1, 3.7],
                                                       "long_factor": [1.5, 4.0, 9.0, 17.0]}),
                                 damage_key="model.layers.1.self_attn.qkv_proj.weight"),
+    # Scout-like: every layer routed (top-1), layers 0-2 RoPE + chunked + QK L2 norm, layer 3 NoPE +
+    # full attention + temperature
+    "llama4": Checkpoint("Llama4ForCausalLM", "Llama4TextConfig", dict(**_LLAMA4, num_experts_per_tok=1)),
+    # Maverick-like: layers 1 and 3 routed (top-2), 0 and 2 dense; one NoPE and one RoPE layer at each
+    # scanned position; no QK norm
+    "llama4-maverick": Checkpoint("Llama4ForCausalLM", "Llama4TextConfig",
+                                  dict(**_LLAMA4, num_experts_per_tok=2, interleave_moe_layer_step=2,
+                                       use_qk_norm=False, no_rope_layers=[0, 1, 1, 0])),
     "mixtral": Checkpoint("MixtralForCausalLM", "MixtralConfig",
                           dict(**_MOE, intermediate_size=96, num_local_experts=4)),
     # HF's default norm_topk_prob=False: the kept probabilities are not renormalised

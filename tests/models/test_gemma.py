@@ -24,7 +24,8 @@ def test_layer_kinds_follow_transformers_pattern(preset, hf_config):
     assert list(cfg.layer_types) == list(hf.layer_types)
     kinds, ids = cfg.attention_kinds()
     for layer_type, i in zip(hf.layer_types, ids):
-        window, theta, scaling = kinds[i]
+        window, theta, scaling, chunk = kinds[i]
+        assert chunk is None
         if layer_type == "sliding_attention":
             assert window == cfg.sliding_window
             assert (theta, scaling) == (10_000.0, None)  # Gemma 3: its local base, never scaled

@@ -34,7 +34,15 @@ class CheckpointError(ValueError):
 #           after another, sized by each kernel (Phi-3 qkv_proj = q|k|v with GQA, gate_up_proj).
 # "interleaved": the HF tensor's last axis alternates the zoo parts (GPT-OSS gate_up_proj: even
 #           columns gate, odd columns up).
-LAYOUTS = ("copy", "linear", "fused", "fused_linear", "interleaved")
+# "linear_rope_pairs": "linear" for a q/k projection whose rows inside each head are RoPE pairs
+#           (x[2i], x[2i+1]) (Llama 4's complex RoPE): the zoo kernel holds each head's even rows, then
+#           its odd rows, the half-split order zoo.nn.rope rotates, so the logits are unchanged.
+LAYOUTS = ("copy", "linear", "fused", "fused_linear", "interleaved", "linear_rope_pairs")
+
+
+def _rope_pair_order(head_dim: int) -> np.ndarray:
+    """Zoo row j of a head holds HF row order[j]: the even rows, then the odd rows."""
+    return np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
 
 
 @dataclass(frozen=True)
@@ -46,8 +54,9 @@ class Rule:
     zoo: "/"-joined paths into the params tree (several for "fused").
     layout: one of LAYOUTS.
     hf_shape: the HF tensor's shape (one stacked index).
-    stack: (placeholder, size) or (placeholder, size, first HF index) entries, in the order of
-        the zoo parameter's leading axes (ModernBERT's scanned layers start at HF layer 1).
+    stack: (placeholder, size[, first HF index[, stride]]) entries, in the order of the zoo
+        parameter's leading axes: HF index = first + stride * zoo index (ModernBERT's scanned
+        layers start at HF layer 1; Llama 4's scanned blocks of two layers take every other one).
     """
 
     hf: str
@@ -64,8 +73,9 @@ class Rule:
         """Yields (hf_key, stacked index) for every tensor this rule covers."""
         names = [entry[0] for entry in self.stack]
         starts = [entry[2] if len(entry) > 2 else 0 for entry in self.stack]
+        strides = [entry[3] if len(entry) > 3 else 1 for entry in self.stack]
         for idx in itertools.product(*(range(entry[1]) for entry in self.stack)):
-            yield self.hf.format(**{n: i + s for n, i, s in zip(names, idx, starts)}), idx
+            yield self.hf.format(**{n: s + i * d for n, i, s, d in zip(names, idx, starts, strides)}), idx
 
     def to_zoo(self, x: np.ndarray, zoo_shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
         """HF tensor -> zoo pieces (one stacked index each), following the layout."""
@@ -73,6 +83,10 @@ class Rule:
             return [x.reshape(zoo_shapes[0])]
         if self.layout == "linear":
             return [x.T.reshape(zoo_shapes[0])]
+        if self.layout == "linear_rope_pairs":
+            heads, h = zoo_shapes[0][-2:]
+            rows = x.reshape(heads, h, -1)[:, _rope_pair_order(h), :]
+            return [rows.reshape(heads * h, -1).T.reshape(zoo_shapes[0])]
         if self.layout == "fused_linear":
             n_in = x.shape[1]
             bounds = np.cumsum([int(np.prod(s)) // n_in for s in zoo_shapes])[:-1]
@@ -89,6 +103,10 @@ class Rule:
             return pieces[0].reshape(self.hf_shape)
         if self.layout == "linear":
             return pieces[0].reshape(self.hf_shape[::-1]).T
+        if self.layout == "linear_rope_pairs":
+            heads, h = pieces[0].shape[-2:]
+            rows = pieces[0].reshape(-1, heads * h).T.reshape(heads, h, -1)
+            return rows[:, np.argsort(_rope_pair_order(h)), :].reshape(self.hf_shape)
         if self.layout == "fused_linear":
             n_in = self.hf_shape[1]
             return np.concatenate([p.reshape(n_in, -1) for p in pieces], axis=1).T

@@ -10,6 +10,7 @@ from flax import linen as nn
 
 import kernels
 from zoo.nn.linear import Dense, param_with_axes
+from zoo.nn.masks import chunked_segment_ids
 from zoo.nn.norms import RMSNorm
 from zoo.nn.rope import apply_rope, rope_attention_factor, rope_inv_freq
 from zoo.sharding import constrain
@@ -23,9 +24,16 @@ class SelfAttention(nn.Module):
     projection (OLMo 2), RoPE, sliding window, logit scale and soft cap (Gemma 2).
 
     Layers of one scanned stack may differ in window and RoPE (Gemma 2/3's local and global
-    layers, SmolLM3's NoPE layers): `layer_kinds` lists the distinct (sliding_window,
-    rope_theta, rope_scaling) triples and `layer_kind_ids` each layer's; the call then takes
-    the layer index and switches between the kinds (same parameters, another mask/rotation).
+    layers, SmolLM3's NoPE layers, Llama 4's chunked RoPE and full NoPE layers): `layer_kinds`
+    lists the distinct (sliding_window, rope_theta, rope_scaling, chunk) kinds and
+    `layer_kind_ids` each layer's; the call then takes the layer index and switches between the
+    kinds (same parameters, another mask/rotation).
+
+    Llama 4: a chunked kind attends only within chunks of `chunk` tokens (counted from each
+    segment's first token, zoo.nn.masks.chunked_segment_ids); RoPE kinds L2-normalise q and k
+    after the rotation (`qk_l2_norm_eps`); NoPE kinds scale q by the attention temperature
+    log1p(floor((i + 1) / floor_scale)) * attn_scale + 1 of the token's array index i
+    (`temperature_tuning` = (floor_scale, attn_scale)), as transformers does.
     """
 
     hidden_size: int
@@ -46,6 +54,8 @@ class SelfAttention(nn.Module):
     scale: float | None = None  # logit scale (default 1/sqrt(head_dim))
     logits_soft_cap: float | None = None
     sinks: bool = False  # GPT-OSS: a learned logit per head that takes softmax mass (kernels.attention)
+    qk_l2_norm_eps: float | None = None  # Llama 4: parameter-free RMS norm of q and k after RoPE (RoPE kinds)
+    temperature_tuning: tuple[float, float] | None = None  # Llama 4: (floor_scale, attn_scale), NoPE kinds
     causal: bool = True
     # Not causal (ModernBERT's local layers): the window reaches both ways, |i - j| <= sliding_window.
     # kernels.attention's window only reaches back, so these layers run "xla" with the window as a bias.
@@ -57,7 +67,7 @@ class SelfAttention(nn.Module):
 
     def _per_kind(self, layer, fn, *args):
         """fn(kind, *args) for this layer's kind: a lax.switch on the layer index when layers differ."""
-        kinds = self.layer_kinds or ((self.sliding_window, self.rope_theta, self.rope_scaling),)
+        kinds = self.layer_kinds or ((self.sliding_window, self.rope_theta, self.rope_scaling, None),)
         if len(kinds) == 1:
             return fn(kinds[0], *args)
         if layer is None:
@@ -65,9 +75,14 @@ class SelfAttention(nn.Module):
         kind = jnp.asarray(self.layer_kind_ids, jnp.int32)[layer]
         return jax.lax.switch(kind, [lambda *a, k=k: fn(k, *a) for k in kinds], *args)
 
-    def _rotate(self, kind, q_BTNH, k_BSKH, positions_BT):
-        _, theta, scaling = kind
+    def _rotate(self, kind, q_BTNH, k_BSKH, positions_BT, index_offset):
+        theta, scaling = kind[1], kind[2]
         if theta is None:  # NoPE
+            if self.temperature_tuning is not None:
+                floor_scale, attn_scale = self.temperature_tuning
+                index_T = (index_offset + jnp.arange(q_BTNH.shape[1])).astype(jnp.float32)
+                scale_T = jnp.log1p(jnp.floor((index_T + 1.0) / floor_scale)) * attn_scale + 1.0
+                q_BTNH = (q_BTNH.astype(jnp.float32) * scale_T[None, :, None, None]).astype(q_BTNH.dtype)
             return q_BTNH, k_BSKH
         r = self.rotary_dim or self.head_dim
         inv_freq = rope_inv_freq(r, theta, scaling, positions_BT)
@@ -77,9 +92,22 @@ class SelfAttention(nn.Module):
             x_rot = apply_rope(x[..., :r], positions_BT, inv_freq)
             if factor != 1.0:  # YaRN and LongRoPE scale cos and sin
                 x_rot = x_rot * jnp.asarray(factor, x.dtype)
-            return x_rot if r == self.head_dim else jnp.concatenate([x_rot, x[..., r:]], axis=-1)
+            x = x_rot if r == self.head_dim else jnp.concatenate([x_rot, x[..., r:]], axis=-1)
+            if self.qk_l2_norm_eps is not None:
+                x32 = x.astype(jnp.float32)
+                x = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.qk_l2_norm_eps)).astype(x.dtype)
+            return x
 
         return rotate(q_BTNH), rotate(k_BSKH)
+
+    def attend_kind(self, kind, q, k, v, *, causal, segment_ids, sinks=None):
+        """`attend` with this kind's window, or within its chunks (a chunked kind's window is the
+        chunk: keys of one chunk are never farther apart, and the flash kernels skip the rest)."""
+        chunk = kind[3]
+        if chunk is None:
+            return self.attend(q, k, v, causal=causal, segment_ids=segment_ids, sliding_window=kind[0], sinks=sinks)
+        ids = chunked_segment_ids(segment_ids, q.shape[0], q.shape[1], chunk)
+        return self.attend(q, k, v, causal=causal, segment_ids=ids, sliding_window=chunk, sinks=sinks)
 
     def attend(self, q, k, v, *, causal, segment_ids, sliding_window, sinks=None):
         if self.window_both_ways and sliding_window is not None and not causal:
@@ -104,7 +132,10 @@ class SelfAttention(nn.Module):
             norm = lambda axes, name: RMSNorm(self.qk_norm_eps, self.qk_norm_offset, axis_name=axes, name=name, **kw)
             q_BTNH = norm(q_axes, "q_norm")(q_BTNH)
             k_BSKH = norm(k_axes, "k_norm")(k_BSKH)
-        q_BTNH, k_BSKH = self._per_kind(layer, self._rotate, q_BTNH, k_BSKH, positions_BT)
+        index_offset = jnp.int32(0)  # the array index of the first token (Llama 4's temperature)
+        if self.decode and self.has_variable("cache", "index"):
+            index_offset = self.get_variable("cache", "index")
+        q_BTNH, k_BSKH = self._per_kind(layer, self._rotate, q_BTNH, k_BSKH, positions_BT, index_offset)
         sinks = None  # created here: no param may be created inside the kind switch
         if self.sinks:
             sinks = self.param("sinks", param_with_axes(nn.initializers.zeros, ("heads",)), (n,),
@@ -112,9 +143,8 @@ class SelfAttention(nn.Module):
         if self.decode:
             out_BTNH = self._attend_with_cache(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, layer, sinks)
         else:
-            out_BTNH = self._per_kind(layer, lambda kind, q, k, v, ids: self.attend(
-                q, k, v, causal=self.causal, segment_ids=ids, sliding_window=kind[0], sinks=sinks),
-                q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+            out_BTNH = self._per_kind(layer, lambda kind, q, k, v, ids: self.attend_kind(
+                kind, q, k, v, causal=self.causal, segment_ids=ids, sinks=sinks), q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
         out_BTNH = constrain(out_BTNH, ("batch", "length", "activation_heads", None))
         return Dense((self.hidden_size,), ("heads", "head_dim"), ("embed",), use_bias=self.out_bias,
                      name="o_proj", **kw)(out_BTNH)
@@ -143,15 +173,18 @@ class SelfAttention(nn.Module):
         cached_ids.value = jax.lax.dynamic_update_slice(cached_ids.value, ids_BT, (0, i))
         index.value = i + t
         if t > 1:
-            return self._per_kind(layer, lambda kind, q, k, v: self.attend(
-                q, k, v, causal=True, segment_ids=ids_BT, sliding_window=kind[0], sinks=sinks),
-                q_BTNH, k_BTKH, v_BTKH)
+            return self._per_kind(layer, lambda kind, q, k, v: self.attend_kind(
+                kind, q, k, v, causal=True, segment_ids=ids_BT, sinks=sinks), q_BTNH, k_BTKH, v_BTKH)
         slot_S = jnp.arange(cached_ids.value.shape[1])
 
         def one_token(kind, q, keys, values, cached_ids):
             visible_BS = (cached_ids > 0) & (slot_S <= i)[None]
             if kind[0] is not None:
                 visible_BS &= (slot_S > i - kind[0])[None]
+            if kind[3] is not None:  # Llama 4: only the keys of this token's chunk
+                first_B = jnp.argmax(cached_ids > 0, axis=1)  # the prompt's left padding
+                chunk_BS = (slot_S[None] - first_B[:, None]) // kind[3]
+                visible_BS &= chunk_BS == ((i - first_B) // kind[3])[:, None]
             return self.attend(q, keys, values, causal=False, segment_ids=(ids_BT, visible_BS.astype(jnp.int32)),
                                sliding_window=None, sinks=sinks)
 

@@ -23,6 +23,25 @@ def mask_to_segment_ids(attention_mask_BT: Array | None, segment_ids_BT: Array |
     return None
 
 
+def chunked_segment_ids(segment_ids_BT: Array | None, batch: int, length: int, chunk: int) -> Array:
+    """Segment ids that also split each segment into chunks of `chunk` tokens (Llama 4's chunked
+    attention: a query sees only keys of its own chunk), for `kernels.attention`.
+
+    A segment's chunks count from its first token: for an HF attention_mask (ids 0/1) that is
+    the first real token (transformers counts from the leading padding, holes included); for
+    packed documents (ids 1..n, below length + 1) each document's start, which is HF's rule
+    for packed position ids (positions // chunk). Padding (id 0) stays 0.
+    """
+    ids_BT = jnp.ones((batch, length), jnp.int32) if segment_ids_BT is None else \
+        jnp.minimum(segment_ids_BT.astype(jnp.int32), length)
+    index_T = jnp.arange(length, dtype=jnp.int32)
+    rows_B1 = jnp.arange(batch)[:, None]
+    first_BI = jnp.full((batch, length + 1), length, jnp.int32).at[rows_B1, ids_BT].min(
+        jnp.broadcast_to(index_T, (batch, length)))  # the first index of each id in its row
+    chunk_BT = (index_T[None] - first_BI[rows_B1, ids_BT]) // chunk
+    return jnp.where(ids_BT > 0, ids_BT + chunk_BT * (length + 1), 0)
+
+
 def check_inputs(cfg, input_ids, **arrays) -> None:
     """Raises ValueError, before tracing further, for ids/masks of the wrong rank, shape or dtype."""
     if getattr(input_ids, "ndim", None) != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):

@@ -8,7 +8,7 @@ from typing import ClassVar
 from zoo.configs import TINY, ModelConfig
 from zoo.nn.blocks import NORM_PLACEMENTS
 
-LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's names
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # HF's names
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,8 +33,9 @@ class LlamaConfig(ModelConfig):
     hidden_act: str = "silu"  # gate activation: silu (SwiGLU) or gelu_tanh (GeGLU)
     norm_placement: str = "pre"  # "pre", "sandwich" (Gemma 2/3) or "post" (OLMo 2): zoo/nn/blocks.py
     qk_norm_flat: bool = False  # OLMo 2: the q/k norms span the whole projection, not one head
-    # Per-layer attention kinds. layer_types[i]: "full_attention" or "sliding_attention" (the
-    # window is `sliding_window`); None: every layer sliding if sliding_window is set (Mistral).
+    # Per-layer attention kinds. layer_types[i]: "full_attention", "sliding_attention" (the
+    # window is `sliding_window`) or "chunked_attention" (Llama 4: within chunks of
+    # `attention_chunk_size`); None: every layer sliding if sliding_window is set (Mistral).
     layer_types: tuple[str, ...] | None = None
     nope_layers: tuple[int, ...] = ()  # SmolLM3: layers without RoPE
     rope_local_theta: float | None = None  # Gemma 3: sliding layers' RoPE base (without rope_scaling)
@@ -44,6 +45,12 @@ class LlamaConfig(ModelConfig):
     partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE on this fraction of head_dim
     attention_out_bias: bool = False  # GPT-OSS: o_proj has a bias too
     attention_sinks: bool = False  # GPT-OSS: a learned per-head logit in every softmax (kernels.attention)
+    attention_chunk_size: int | None = None  # Llama 4: the chunk of "chunked_attention" layers
+    qk_l2_norm: bool = False  # Llama 4: q and k RMS-normalised (no weight) after RoPE, RoPE layers only
+    # Llama 4: NoPE layers scale q by log1p(floor((i + 1) / floor_scale)) * attn_scale + 1 (i: array index)
+    attn_temperature_tuning: bool = False
+    floor_scale: int = 8192
+    attn_scale: float = 0.1
 
     ARCHITECTURES: ClassVar[tuple[str, ...]] = (
         "LlamaForCausalLM",
@@ -75,6 +82,10 @@ class LlamaConfig(ModelConfig):
                                  f"{self.num_layers} layers")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError(f"{self.name}: sliding_attention layers need sliding_window")
+            if "chunked_attention" in self.layer_types and not (self.attention_chunk_size or 0) > 0:
+                raise ValueError(f"{self.name}: chunked_attention layers need a positive attention_chunk_size")
+        if self.floor_scale <= 0:
+            raise ValueError(f"{self.name}: floor_scale must be positive, got {self.floor_scale}")
         if any(not 0 <= i < self.num_layers for i in self.nope_layers):
             raise ValueError(f"{self.name}: nope_layers must be layer indices below {self.num_layers}")
         if isinstance(self.rope_scaling, list):  # JSON gives lists back
@@ -98,16 +109,25 @@ class LlamaConfig(ModelConfig):
             if not len(self.rope_scaling[1]) == len(self.rope_scaling[2]) == rotary // 2:
                 raise ValueError(f"{self.name}: LongRoPE needs {rotary // 2} short and long factors")
 
+    def attended_keys(self, seq_len: int) -> float:
+        """Llama 4's chunked layers attend within chunks of C tokens (C / 2 keys per query on average)."""
+        if not (self.attention_chunk_size and self.layer_types and "chunked_attention" in self.layer_types):
+            return super().attended_keys(seq_len)
+        share = self.layer_types.count("chunked_attention") / self.num_layers
+        return share * min(self.attention_chunk_size, seq_len) / 2.0 + (1 - share) * seq_len / 2.0
+
     @property
     def rotary_dim(self) -> int:
         """How many leading dims of each head RoPE rotates."""
         return int(self.head_dim * self.partial_rotary_factor)
 
     def attention_kinds(self) -> tuple[tuple, tuple[int, ...]]:
-        """(the distinct (sliding_window, rope_theta, rope_scaling) of the layers, each layer's index
-        into them): what zoo.nn.attention.SelfAttention switches between."""
+        """(the distinct (sliding_window, rope_theta, rope_scaling, chunk) of the layers, each layer's
+        index into them): what zoo.nn.attention.SelfAttention switches between."""
         per_layer = []
         for i in range(self.num_layers):
+            chunk = self.attention_chunk_size if self.layer_types and \
+                self.layer_types[i] == "chunked_attention" else None
             sliding = (self.layer_types[i] == "sliding_attention") if self.layer_types else \
                 self.sliding_window is not None
             window = self.sliding_window if sliding else None
@@ -117,7 +137,7 @@ class LlamaConfig(ModelConfig):
                 rope = (self.rope_local_theta, None)
             else:
                 rope = (self.rope_theta, self.rope_scaling)
-            per_layer.append((window, *rope))
+            per_layer.append((window, *rope, chunk))
         kinds = tuple(dict.fromkeys(per_layer))
         return kinds, tuple(kinds.index(k) for k in per_layer)
 

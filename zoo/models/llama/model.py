@@ -37,6 +37,12 @@ class Llama(nn.Module):
         cfg = self.cfg
         return partial(MLP, cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, gated=True, **kw)
 
+    def make_blocks(self, kinds, kw, **block_kwargs):
+        """The scanned layers: `block_cls` over num_layers (the layer index goes in when kinds differ)."""
+        del kw
+        return scan_layers(self.block_cls, self.cfg.num_layers, self.cfg.remat, per_layer_index=len(kinds) > 1,
+                           **block_kwargs)
+
     def layer_outputs(self, outputs_L, segment_ids_BT) -> None:
         """Receives what the scanned blocks return per layer (None for the dense MLP)."""
         del outputs_L, segment_ids_BT
@@ -56,8 +62,8 @@ class Llama(nn.Module):
         x_BTD = constrain(x_BTD, ("batch", "length", "activation_embed"))
 
         kinds, kind_ids = cfg.attention_kinds()
-        blocks = scan_layers(
-            self.block_cls, cfg.num_layers, cfg.remat, per_layer_index=len(kinds) > 1,
+        blocks = self.make_blocks(
+            kinds, kw,
             make_norm=partial(RMSNorm, cfg.rms_norm_eps, cfg.norm_offset, **kw),
             make_attention=partial(
                 SelfAttention, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
@@ -67,7 +73,9 @@ class Llama(nn.Module):
                 qk_norm_offset=cfg.norm_offset, qk_norm_flat=cfg.qk_norm_flat, layer_kinds=kinds,
                 layer_kind_ids=kind_ids, attention_impl=cfg.attention_impl, decode=self.decode,
                 scale=None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5,
-                logits_soft_cap=cfg.attn_logit_softcap, **kw),
+                logits_soft_cap=cfg.attn_logit_softcap,
+                qk_l2_norm_eps=cfg.rms_norm_eps if cfg.qk_l2_norm else None,
+                temperature_tuning=(cfg.floor_scale, cfg.attn_scale) if cfg.attn_temperature_tuning else None, **kw),
             make_mlp=self.make_mlp(**kw), norm_placement=cfg.norm_placement,
         )
         x_BTD, outputs_L = blocks(x_BTD, positions_BT, segment_ids_BT)

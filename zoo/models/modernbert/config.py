@@ -73,9 +73,10 @@ class ModernBertConfig(ModelConfig):
         return layer % self.global_attn_every_n_layers == 0
 
     def attention_kinds(self) -> tuple[tuple, tuple[int, ...]]:
-        """(the distinct (window per side, rope_theta, None) kinds, each layer's index): global layers
+        """(the distinct (window per side, rope_theta, None, None) kinds, each layer's index): global layers
         see everything, local ones local_attention // 2 tokens each way."""
-        kinds = ((None, self.global_rope_theta, None), (self.local_attention // 2, self.local_rope_theta, None))
+        kinds = ((None, self.global_rope_theta, None, None),
+                 (self.local_attention // 2, self.local_rope_theta, None, None))
         return kinds, tuple(0 if self.is_global(i) else 1 for i in range(self.num_layers))
 
 

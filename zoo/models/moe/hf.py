@@ -1,4 +1,4 @@
-"""Mixture-of-experts decoders (MixtralForCausalLM, Qwen3MoeForCausalLM, GptOssForCausalLM) <->
+"""Mixture-of-experts decoders (MixtralForCausalLM, Qwen3MoeForCausalLM, GptOssForCausalLM, Llama4ForCausalLM) <->
 zoo MoE: config translation and weight table (zoo.hf.rules).
 
 The moe family is the Llama decoder with routed MLPs (MoEConfig extends LlamaConfig,
@@ -12,6 +12,13 @@ columns gate) and input-major, down_proj [E, F, D], with biases. Released checkp
 both as MXFP4 (`*_blocks` / `*_scales`, `quantization_config.quant_method = "mxfp4"`): import
 dequantises them tensor by tensor (zoo/hf/mxfp4.py); export writes them unquantised in the
 param dtype (bf16 for a bf16 run) with no quantization_config, which transformers loads as is.
+
+Llama 4 (text; Llama4ForCausalLM, model_type llama4_text) has its own translation too. Its RoPE
+rotates interleaved pairs, so q_proj/k_proj rows are reordered per head at import (layout
+"linear_rope_pairs", zoo/hf/rules.py) and back at export; its experts are one tensor per layer,
+gate_up_proj [E, D, 2F] = [gate | up], input-major; layers are scanned in blocks of
+interleave_moe_layer_step (zoo/models/moe/model.py Llama4Block), so HF layer b*step + p is block b's
+`layer_{p}`. The FP8 (compressed-tensors) Maverick release is refused: import the bf16 one.
 """
 
 from __future__ import annotations
@@ -23,7 +30,13 @@ from zoo.models.llama import hf as llama_hf
 from zoo.models.llama.config import LlamaConfig
 from zoo.models.moe.config import MoEConfig
 
-_MODEL_TYPES = {"MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe", "GptOssForCausalLM": "gpt_oss"}
+_MODEL_TYPES = {"MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe", "GptOssForCausalLM": "gpt_oss",
+                "Llama4ForCausalLM": "llama4_text"}
+# Llama4TextConfig's values for keys config.json may leave out
+_LLAMA4_DEFAULTS = dict(head_dim=128, intermediate_size=8192, intermediate_size_mlp=16384, num_local_experts=16,
+                        num_experts_per_tok=1, interleave_moe_layer_step=1, max_position_embeddings=4096 * 32,
+                        rms_norm_eps=1e-5, attention_chunk_size=8192, no_rope_layer_interval=4, floor_scale=8192,
+                        attn_scale=0.1, use_qk_norm=True, attn_temperature_tuning=True, rope_theta=500000.0)
 _DENSE_TWIN = {"MixtralForCausalLM": "MistralForCausalLM", "Qwen3MoeForCausalLM": "Qwen3ForCausalLM"}
 
 
@@ -69,12 +82,81 @@ def _gpt_oss_from_hf(hf: dict, name: str, arch: str) -> MoEConfig:
     )
 
 
+def _llama4_from_hf(hf: dict, name: str, arch: str) -> MoEConfig:
+    hf_get = lambda key: get(hf, key, _LLAMA4_DEFAULTS.get(key))
+    quant = (hf.get("quantization_config") or {}).get("quant_method", "quantization_config")
+    require(not hf.get("quantization_config"), f"{arch}: quantized checkpoints ({quant}) are not supported: import "
+            "the bf16 release")
+    require(not hf.get("attention_bias"), f"{arch}: attention_bias is not supported")
+    require(get(hf, "hidden_act", "silu") in ("silu", "swish"), f"{arch}: hidden_act {hf.get('hidden_act')!r} is "
+            "not supported (only silu)")
+    require(not hf.get("router_jitter_noise"), f"{arch}: router_jitter_noise is not supported")
+    n_layers, step = hf["num_hidden_layers"], hf_get("interleave_moe_layer_step")
+    moe_layers = list(range(step - 1, n_layers, step))
+    require(n_layers % step == 0 and list(hf.get("moe_layers") or moe_layers) == moe_layers,
+            f"{arch}: moe_layers {hf.get('moe_layers')} is not every {step}-th layer of {n_layers} (from layer "
+            f"{step - 1})")
+    interval = hf_get("no_rope_layer_interval")
+    uses_rope = list(hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)])[:n_layers]
+    chunk = hf.get("attention_chunk_size", _LLAMA4_DEFAULTS["attention_chunk_size"])  # null: no chunking
+    layer_types = tuple(hf.get("layer_types") or ("chunked_attention" if uses_rope[i] and chunk else "full_attention"
+                                                   for i in range(n_layers)))
+    require(set(layer_types) <= {"chunked_attention", "full_attention"},
+            f"{arch}: layer_types {sorted(set(layer_types))} is not supported")
+    rope_theta, rope_scaling = llama_hf._rope_from_hf({**hf, "rope_theta": hf_get("rope_theta")}, arch)
+    d, n = hf["hidden_size"], hf["num_attention_heads"]
+    f = hf_get("intermediate_size")
+    return MoEConfig(
+        name=name, architecture=arch, vocab_size=hf["vocab_size"], hidden_size=d, num_layers=n_layers, num_heads=n,
+        num_kv_heads=get(hf, "num_key_value_heads", n), head_dim=hf_get("head_dim"), intermediate_size=f,
+        max_seq_len=hf_get("max_position_embeddings"), rope_theta=rope_theta, rope_scaling=rope_scaling,
+        rms_norm_eps=hf_get("rms_norm_eps"), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        nope_layers=tuple(i for i, r in enumerate(uses_rope) if not r),
+        layer_types=layer_types if "chunked_attention" in layer_types else None,
+        attention_chunk_size=chunk if "chunked_attention" in layer_types else None,
+        qk_l2_norm=bool(hf_get("use_qk_norm")), attn_temperature_tuning=bool(hf_get("attn_temperature_tuning")),
+        floor_scale=int(hf_get("floor_scale")), attn_scale=float(hf_get("attn_scale")),
+        num_experts=hf_get("num_local_experts"), num_experts_per_tok=hf_get("num_experts_per_tok"),
+        router_type="sigmoid", shared_expert_size=f, moe_layer_step=step,
+        dense_intermediate_size=hf_get("intermediate_size_mlp") if step > 1 else None,
+        router_aux_loss_coef=float(get(hf, "router_aux_loss_coef", 0.001)),
+        router_z_loss_coef=float(get(hf, "router_z_loss_coef", 0.001)), **token_ids_from_hf(hf, (1, 2, None)),
+    )
+
+
+def _llama4_to_hf(cfg: MoEConfig) -> dict:
+    arch = cfg.architecture
+    expected = dict(router_type="sigmoid", shared_expert_size=cfg.intermediate_size, attention_bias=False,
+                    attention_out_bias=False, attention_sinks=False, router_bias=False, expert_bias=False,
+                    swiglu_limit=None, qk_norm=False, norm_placement="pre", norm_offset=False, embed_scale=False,
+                    hidden_act="silu", sliding_window=None, attn_logit_softcap=None, final_logit_softcap=None,
+                    query_pre_attn_scalar=None, rope_local_theta=None, partial_rotary_factor=1.0)
+    for field, value in expected.items():
+        require(getattr(cfg, field) == value, f"{cfg.name}: {arch} needs {field}={value}")
+    require(cfg.rope_scaling is None or len(cfg.rope_scaling) == 4,
+            f"{cfg.name}: {arch} exports Llama-3 rope scaling only, not {cfg.rope_scaling}")
+    layer_types = list(cfg.layer_types or ["full_attention"] * cfg.num_layers)
+    rope = llama_hf._rope_to_hf(cfg)
+    return {
+        **llama_hf.shape_to_hf(cfg, _MODEL_TYPES[arch]), "hidden_act": "silu", **rope,
+        "intermediate_size_mlp": cfg.dense_intermediate_size or 16384, "num_local_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok, "interleave_moe_layer_step": cfg.moe_layer_step,
+        "moe_layers": list(cfg.moe_layers), "use_qk_norm": cfg.qk_l2_norm,
+        "no_rope_layers": [int(i not in cfg.nope_layers) for i in range(cfg.num_layers)], "no_rope_layer_interval": 4,
+        "attention_chunk_size": cfg.attention_chunk_size, "layer_types": layer_types,
+        "attn_temperature_tuning": cfg.attn_temperature_tuning, "floor_scale": cfg.floor_scale,
+        "attn_scale": cfg.attn_scale, "attention_bias": False, "router_aux_loss_coef": cfg.router_aux_loss_coef,
+        "router_z_loss_coef": cfg.router_z_loss_coef, "router_jitter_noise": 0.0, "output_router_logits": False,
+    }
+
+
 def _gpt_oss_to_hf(cfg: MoEConfig) -> dict:
     arch = cfg.architecture
     expected = dict(attention_out_bias=cfg.attention_bias, attention_sinks=True, norm_topk_prob=True,
                     router_bias=True, expert_bias=True, qk_norm=False, norm_placement="pre", norm_offset=False,
                     embed_scale=False, nope_layers=(), hidden_act="silu", attn_logit_softcap=None,
-                    final_logit_softcap=None, query_pre_attn_scalar=None, rope_local_theta=None)
+                    final_logit_softcap=None, query_pre_attn_scalar=None, rope_local_theta=None,
+                    attention_chunk_size=None, qk_l2_norm=False, attn_temperature_tuning=False)
     for field, value in expected.items():
         require(getattr(cfg, field) == value, f"{cfg.name}: {arch} needs {field}={value}")
     require(cfg.swiglu_limit is not None, f"{cfg.name}: {arch} needs swiglu_limit (its clamped SwiGLU)")
@@ -102,6 +184,8 @@ def _gpt_oss_to_hf(cfg: MoEConfig) -> dict:
 def config_from_hf(hf: dict, name: str, arch: str) -> MoEConfig:
     if arch == "GptOssForCausalLM":
         return _gpt_oss_from_hf(hf, name, arch)
+    if arch == "Llama4ForCausalLM":
+        return _llama4_from_hf(hf, name, arch)
     is_qwen = arch == "Qwen3MoeForCausalLM"
     require(not hf.get("router_jitter_noise"), f"{arch}: router_jitter_noise is not supported")
     if is_qwen:
@@ -126,8 +210,12 @@ def config_from_hf(hf: dict, name: str, arch: str) -> MoEConfig:
 
 def config_to_hf(cfg: MoEConfig) -> dict:
     arch = cfg.architecture
+    require(cfg.router_type == "softmax" and cfg.shared_expert_size is None or arch == "Llama4ForCausalLM",
+            f"{cfg.name}: sigmoid routing and a shared expert are only exported as Llama4ForCausalLM")
     if arch == "GptOssForCausalLM":
         return _gpt_oss_to_hf(cfg)
+    if arch == "Llama4ForCausalLM":
+        return _llama4_to_hf(cfg)
     require(not (cfg.router_bias or cfg.expert_bias or cfg.attention_sinks or cfg.attention_out_bias) and
             cfg.swiglu_limit is None, f"{cfg.name}: router/expert biases, sinks, o_proj bias and the clamped "
             "SwiGLU are only exported as GptOssForCausalLM")
@@ -152,9 +240,45 @@ def config_to_hf(cfg: MoEConfig) -> dict:
     return out
 
 
+def _llama4_weights(cfg: MoEConfig) -> list[Rule]:
+    """Every HF layer b*step + p is block b's `layer_{p}`; the last of each block is routed."""
+    d, v, f, e = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.num_experts
+    n, k, h, step = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.moe_layer_step
+    rules = [Rule("model.embed_tokens.weight", ("embed_tokens/embedding",), "copy", (v, d)),
+             Rule("model.norm.weight", ("norm/scale",), "copy", (d,))]
+    for p in range(step):
+        S, z, a = (("i", cfg.num_layers // step, p, step),), f"layers/layer_{p}/", "model.layers.{i}.self_attn."
+        m = "model.layers.{i}.feed_forward."
+        rules += [
+            Rule("model.layers.{i}.input_layernorm.weight", (z + "attn_norm/scale",), "copy", (d,), S),
+            Rule("model.layers.{i}.post_attention_layernorm.weight", (z + "mlp_norm/scale",), "copy", (d,), S),
+            Rule(a + "q_proj.weight", (z + "attn/q_proj/kernel",), "linear_rope_pairs", (n * h, d), S),
+            Rule(a + "k_proj.weight", (z + "attn/k_proj/kernel",), "linear_rope_pairs", (k * h, d), S),
+            Rule(a + "v_proj.weight", (z + "attn/v_proj/kernel",), "linear", (k * h, d), S),
+            Rule(a + "o_proj.weight", (z + "attn/o_proj/kernel",), "linear", (d, n * h), S),
+        ]
+        if p == step - 1:  # routed
+            rules += [
+                Rule(m + "router.weight", (z + "mlp/router/kernel",), "linear", (e, d), S),
+                Rule(m + "experts.gate_up_proj", (z + "mlp/gate_proj", z + "mlp/up_proj"), "fused", (e, d, 2 * f), S),
+                Rule(m + "experts.down_proj", (z + "mlp/down_proj",), "copy", (e, f, d), S),
+                *(Rule(m + f"shared_expert.{x}_proj.weight", (z + f"mlp/shared_expert/{x}_proj/kernel",), "linear",
+                       shape, S) for x, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f)))),
+            ]
+        else:
+            g = cfg.dense_intermediate_size
+            rules += [Rule(m + f"{x}_proj.weight", (z + f"mlp/{x}_proj/kernel",), "linear", shape, S)
+                      for x, shape in (("gate", (g, d)), ("up", (g, d)), ("down", (d, g)))]
+    if not cfg.tie_word_embeddings:
+        rules.append(Rule("lm_head.weight", ("lm_head/kernel",), "linear", (v, d)))
+    return rules
+
+
 def weights(cfg: MoEConfig) -> list[Rule]:
     d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     L, LE = (("i", cfg.num_layers),), (("i", cfg.num_layers), ("e", e))
+    if cfg.architecture == "Llama4ForCausalLM":
+        return _llama4_weights(cfg)
     if cfg.architecture == "GptOssForCausalLM":  # experts stored together; gate/up interleaved
         m, a = "model.layers.{i}.mlp.", "model.layers.{i}.self_attn."
         return llama_hf.decoder_weights(cfg, [
