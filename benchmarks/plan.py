@@ -66,6 +66,8 @@ TABLE = (
     ("phi-4-mini", "v6e:2x2", "fsdp=-1", 8, 4096, "full"),
     ("gpt-oss-20b", "v5p:2x2x2", "fsdp=-1", 8, 4096, "full"),
     ("gpt-oss-120b", "v5p:4x4x2", "fsdp=-1", 32, 4096, "full"),
+    ("llama4-scout-17b-16e", "v5p:4x4x2", "fsdp=-1", 32, 4096, "full"),
+    ("llama4-maverick-17b-128e", "v5p:4x4x8", "fsdp=-1", 128, 4096, "full"),
     # encoders at their 512 positions, masked-LM objective
     ("roberta-large", "v5e:2x2", "fsdp=-1", 32, 512, "full"),
     ("xlm-roberta-large", "v5e:2x2", "fsdp=-1", 32, 512, "full"),

@@ -144,7 +144,8 @@ class SelfAttention(nn.Module):
             out_BTNH = self._attend_with_cache(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, layer, sinks)
         else:
             out_BTNH = self._per_kind(layer, lambda kind, q, k, v, ids: self.attend_kind(
-                kind, q, k, v, causal=self.causal, segment_ids=ids, sinks=sinks), q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+                kind, q, k, v, causal=self.causal, segment_ids=ids, sinks=sinks),
+                q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
         out_BTNH = constrain(out_BTNH, ("batch", "length", "activation_heads", None))
         return Dense((self.hidden_size,), ("heads", "head_dim"), ("embed",), use_bias=self.out_bias,
                      name="o_proj", **kw)(out_BTNH)

@@ -134,6 +134,9 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
                     rope_local_theta=None)
     for field, value in expected.items():
         require(getattr(cfg, field) == value, f"{cfg.name}: {arch} needs {field}={value}")
+    require(not (cfg.attention_chunk_size or cfg.qk_l2_norm or cfg.attn_temperature_tuning),
+            f"{cfg.name}: chunked attention, the QK L2 norm and attention temperature are only exported as "
+            "Llama4ForCausalLM")
     require(cfg.sliding_window is None or arch in ("MistralForCausalLM", "Phi3ForCausalLM") or
             (smol and cfg.layer_types),
             f"{cfg.name}: sliding_window is only exported as MistralForCausalLM (or SmolLM3 with layer_types)")
@@ -146,9 +149,6 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
             f"{'linear ' if cfg.rope_scaling and len(cfg.rope_scaling) == 1 else ''}{cfg.rope_scaling}")
     require(cfg.partial_rotary_factor == 1.0 or arch == "Phi3ForCausalLM",
             f"{cfg.name}: partial_rotary_factor < 1 is only exported as Phi3ForCausalLM")
-    require(not (cfg.attention_chunk_size or cfg.qk_l2_norm or cfg.attn_temperature_tuning),
-            f"{cfg.name}: chunked attention, the QK L2 norm and attention temperature are only exported as "
-            "Llama4ForCausalLM")
     require(not olmo or cfg.head_dim * cfg.num_heads == cfg.hidden_size,
             f"{cfg.name}: {arch} needs head_dim * num_heads == hidden_size")
     out = {

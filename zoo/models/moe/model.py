@@ -171,8 +171,9 @@ class MoEMLP(nn.Module):
         y_ND = dispatch_experts(x_ND.astype(self.dtype), experts_Nk, weights_Nk, w_gate_EDF, w_up_EDF, w_down_EFD,
                                 glu, biases, scale_inputs=self.router_type == "sigmoid")
         if self.shared_expert_size is not None:
-            y_ND = MLP(d, self.shared_expert_size, self.activation, gated=True, name="shared_expert",
-                       dtype=self.dtype, param_dtype=self.param_dtype)(x_ND) + y_ND
+            shared = MLP(d, self.shared_expert_size, self.activation, gated=True, name="shared_expert",
+                         dtype=self.dtype, param_dtype=self.param_dtype)
+            y_ND = shared(x_BTD).reshape(b * t, d) + y_ND
 
         valid_N = (jnp.ones((b * t,), jnp.float32) if segment_ids_BT is None
                    else (segment_ids_BT.reshape(-1) > 0).astype(jnp.float32))
