@@ -152,7 +152,7 @@ register(Family("gemma", gemma_config.GemmaConfig, Llama, kind="decoder", object
                 presets=gemma_config.PRESETS, hf_imports=gemma_hf.IMPORTS))
 register(Family("moe", moe_config.MoEConfig, MoEDecoder, kind="decoder", objectives=("clm",), tasks=("pretrain",),
                 eval_task="perplexity", hf_specs=moe_hf.ARCHITECTURES,
-                presets=moe_config.PRESETS))
+                presets=moe_config.PRESETS, hf_imports=moe_hf.IMPORTS))
 register(Family("bert", bert_config.BertConfig, build_bert, kind="encoder", objectives=("mlm", "cls"),
                 tasks=("pretrain", "classify"), eval_task=None, hf_specs=bert_hf.ARCHITECTURES,
                 presets=bert_config.PRESETS))

@@ -220,3 +220,42 @@ def test_llama4_features_export_only_as_llama4():
         moe_hf.config_to_hf(cfg)
     with pytest.raises(CheckpointError, match="sigmoid routing"):
         moe_hf.config_to_hf(zoo.config("tiny-mixtral", router_type="sigmoid"))
+
+
+@pytest.mark.torch
+def test_multimodal_checkpoint_imports_its_text_tower(tmp_path):
+    """Llama4ForConditionalGeneration (how the hub ships Llama 4): the text tower imports as a
+    Llama4ForCausalLM whose logits on text equal the multimodal model's language model (its own
+    text-only forward fails in transformers 5.24: 'MoeCausalLMOutputWithPast' has no
+    image_outputs); the vision model and projector are left out; the export is a
+    Llama4ForCausalLM transformers loads."""
+    import torch
+    import transformers
+
+    import hf_utils
+    from hf_utils import model_inputs, save, torch_logits
+
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    text = {**hf_utils._LLAMA4, "num_experts_per_tok": 1}
+    config = transformers.Llama4Config(text_config=text, vision_config=vision)
+    config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = transformers.Llama4ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for key, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if key.endswith("layernorm.weight") else 0.0) if p.ndim == 1
+                    else torch.randn_like(p) * 0.08)
+    save(hf, tmp_path / "mm")
+    model, params = zoo.from_hf(tmp_path / "mm")
+    assert model.cfg.hf_architecture == "Llama4ForCausalLM" and model.cfg.num_layers == 4
+    ids, mask = model_inputs("decoder", seed=4)[-1].values()
+    want = torch_logits(hf.language_model, ids, mask)
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
+    assert float(np.abs(got - want)[mask.astype(bool)].max()) <= 1e-4
+
+    zoo.to_hf(model, params, tmp_path / "text")
+    text_model = transformers.Llama4ForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager")
+    np.testing.assert_allclose(torch_logits(text_model.eval(), ids, mask)[mask.astype(bool)],
+                               want[mask.astype(bool)], atol=1e-4, rtol=0)

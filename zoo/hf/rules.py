@@ -185,3 +185,29 @@ def token_ids_from_hf(hf: dict, defaults: tuple = (None, None, None)) -> dict:
 def token_ids_to_hf(cfg: ModelConfig) -> dict:
     """bos/eos/pad ids of a config as config.json writes them (several eos ids as a list)."""
     return {key: list(v) if isinstance(v := getattr(cfg, key), tuple) else v for key in TOKEN_ID_FIELDS}
+
+
+# --- multimodal classes imported for their text tower (Gemma 3, Llama 4) -------------------
+
+# The tower's key spellings: the hub's (language_model.model.*, language_model.lm_head) and
+# transformers 5's module paths (model.language_model.*)
+_TEXT_TOWER = ("language_model.model.", "model.language_model.")
+
+
+def text_tower_key(key: str) -> str:
+    """language_model.model.X / model.language_model.X -> model.X; language_model.lm_head -> lm_head."""
+    for prefix in _TEXT_TOWER:
+        if key.startswith(prefix):
+            return "model." + key[len(prefix):]
+    return key[len("language_model."):] if key.startswith("language_model.lm_head.") else key
+
+
+def text_tower_config(hf: dict, arch: str) -> dict:
+    """The text model's config dict of a multimodal config.json (its `text_config`, with the token
+    ids and head tying the outer config carries in some releases)."""
+    text = dict(hf.get("text_config") or {})
+    require(bool(text), f"{arch}: config.json has no text_config")
+    for key in (*TOKEN_ID_FIELDS, "tie_word_embeddings"):
+        if key not in text and key in hf:
+            text[key] = hf[key]
+    return text

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zoo.hf.rules import ArchSpec, get, require, token_ids_from_hf
+from zoo.hf.rules import ArchSpec, get, require, text_tower_config, text_tower_key, token_ids_from_hf
 from zoo.models.gemma.config import GemmaConfig, alternating
 from zoo.models.llama import hf as llama_hf
 
@@ -97,26 +97,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     for arch in GemmaConfig.ARCHITECTURES}
 
 
-# The text tower's spellings: the hub's (language_model.model.*, language_model.lm_head) and
-# transformers 5's module paths (model.language_model.*)
-_TEXT_TOWER = ("language_model.model.", "model.language_model.")
-
-
 def _text_tower_config(hf: dict, name: str) -> GemmaConfig:
-    text = dict(hf.get("text_config") or {})
-    require(text, "Gemma3ForConditionalGeneration: config.json has no text_config")
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
-        if key not in text and key in hf:  # the outer config carries them in some releases
-            text[key] = hf[key]
-    return config_from_hf(text, name, "Gemma3ForCausalLM")
-
-
-def _text_tower_key(key: str) -> str:
-    """language_model.model.X / model.language_model.X -> model.X; language_model.lm_head -> lm_head."""
-    for prefix in _TEXT_TOWER:
-        if key.startswith(prefix):
-            return "model." + key[len(prefix):]
-    return key[len("language_model."):] if key.startswith("language_model.lm_head.") else key
+    return config_from_hf(text_tower_config(hf, "Gemma3ForConditionalGeneration"), name, "Gemma3ForCausalLM")
 
 
 # Import-only classes: loaded as the family's own class (zoo.registry's `hf_imports`).
@@ -126,5 +108,5 @@ IMPORTS: dict[str, ArchSpec] = {
         ignore=(r"^(model\.)?vision_tower\.", r"^(model\.)?multi_modal_projector\.",
                 r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
         tied=lambda cfg: {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else {},
-        normalize_key=_text_tower_key),
+        normalize_key=text_tower_key),
 }

@@ -25,7 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from zoo.hf.rules import ArchSpec, CheckpointError, Rule, get, require, token_ids_from_hf
+from zoo.hf.rules import (
+    ArchSpec,
+    CheckpointError,
+    Rule,
+    get,
+    require,
+    text_tower_config,
+    text_tower_key,
+    token_ids_from_hf,
+)
 from zoo.models.llama import hf as llama_hf
 from zoo.models.llama.config import LlamaConfig
 from zoo.models.moe.config import MoEConfig
@@ -310,3 +319,14 @@ def weights(cfg: MoEConfig) -> list[Rule]:
 ARCHITECTURES: dict[str, ArchSpec] = {arch: llama_hf.decoder_spec(arch, config_from_hf, config_to_hf, weights)
                                       for arch in MoEConfig.ARCHITECTURES}
 ARCHITECTURES["GptOssForCausalLM"] = dataclasses.replace(ARCHITECTURES["GptOssForCausalLM"], mxfp4=True)
+
+
+# Import-only: the hub's Llama 4 releases are Llama4ForConditionalGeneration; their text tower
+# (language_model.*) loads as Llama4ForCausalLM, the vision model and projector are left out.
+IMPORTS: dict[str, ArchSpec] = {
+    "Llama4ForConditionalGeneration": dataclasses.replace(
+        ARCHITECTURES["Llama4ForCausalLM"],
+        config_from_hf=lambda hf, name: _llama4_from_hf(text_tower_config(hf, "Llama4ForConditionalGeneration"),
+                                                        name, "Llama4ForCausalLM"),
+        ignore=(r"^(model\.)?vision_model\.", r"^(model\.)?multi_modal_projector\."), normalize_key=text_tower_key),
+}
