@@ -242,6 +242,25 @@ def random_batch(batch: int, length: int, seed: int = 0, pad: bool = False, side
     return ids, mask
 
 
+def check_text_tower_import(multimodal, reference, text_class: str, num_layers: int, tmp_path: Path) -> None:
+    """A multimodal HF model saved and imported: the zoo model is its text tower (`text_class`,
+    `num_layers` layers) with `reference`'s logits within 1e-4 on a masked batch, and its export
+    loads in transformers as `text_class` with the same logits."""
+    import transformers
+
+    save(multimodal, tmp_path / "mm")
+    model, params = zoo.from_hf(tmp_path / "mm")
+    assert model.cfg.hf_architecture == text_class and model.cfg.num_layers == num_layers
+    ids, mask = model_inputs("decoder", seed=4)[-1].values()
+    real = mask.astype(bool)
+    want = torch_logits(reference, ids, mask)
+    got = np.asarray(model.apply({"params": params}, ids, mask))
+    assert float(np.abs(got - want)[real].max()) <= 1e-4
+    zoo.to_hf(model, params, tmp_path / "text")
+    text_model = getattr(transformers, text_class).from_pretrained(tmp_path / "text", attn_implementation="eager")
+    np.testing.assert_allclose(torch_logits(text_model.eval(), ids, mask)[real], want[real], atol=1e-4, rtol=0)
+
+
 def model_inputs(kind: str, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Batches (HF keyword -> int64 array) for a registry kind, the hardest last.
 
