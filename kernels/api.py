@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
@@ -47,7 +48,8 @@ def attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
     """Multi-head attention with GQA/MQA, packing, causal/sliding-window masks.
 
     Args:
-      q: [B, T, N, H]; k, v: [B, S, K, H] with K dividing N.
+      q: [B, T, N, H]; k: [B, S, K, H], v: [B, S, K, Hv] with K dividing N (Hv may differ from H:
+        multi-head latent attention; the kernels get q/k/v zero-padded to one head dim, exactly).
       causal: mask future keys; with T != S the last query aligns with the last key.
       segment_ids: int [B, T] (T == S) or a (q_ids [B, T], kv_ids [B, S]) pair;
         id 0 is padding. Rows with nothing to attend to give zeros.
@@ -63,7 +65,7 @@ def attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
         (`jax.sharding.get_abstract_mesh()`), if any.
 
     Returns:
-      [B, T, N, H] in q's dtype.
+      [B, T, N, Hv] in q's dtype.
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}; expected None or one "
@@ -78,6 +80,14 @@ def attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
         raise NotImplementedError(
             f"implementation={implementation!r} does not take an additive bias; "
             "use implementation='xla' (or None) for biased attention")
+    h, hv = q.shape[3], v.shape[3]
+    if hv != h:  # the kernels take one head dim: zero columns change no logit and add zero output columns
+        width = max(h, hv)
+        pad = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[3]),))
+        out = attention(pad(q), pad(k), pad(v), causal=causal, segment_ids=segment_ids, scale=options.scale,
+                        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks,
+                        implementation=implementation, mesh=mesh)
+        return out[..., :hv]
     if implementation == "cudnn":
         _check_cudnn(q, k, q_ids, options, sinks)
         kernel = functools.partial(_cudnn_for_platform, options=options)

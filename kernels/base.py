@@ -87,12 +87,12 @@ def validate(q, k, v, *, causal=False, segment_ids=None, scale=None, sliding_win
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError("q, k, v must be [batch, len, heads, head_dim]; got shapes "
                          f"{q.shape}, {k.shape}, {v.shape}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must agree in batch, length and heads: {k.shape} vs {v.shape}")
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"batch sizes differ: q {q.shape[0]}, k/v {k.shape[0]}")
     if q.shape[3] != k.shape[3]:
-        raise ValueError(f"head_dim differs: q {q.shape[3]}, k/v {k.shape[3]}")
+        raise ValueError(f"head_dim differs: q {q.shape[3]}, k {k.shape[3]}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"kv heads ({k.shape[2]}) must divide heads ({q.shape[2]})")
     for x in (q, k, v):

@@ -26,7 +26,7 @@ def reference_attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
     """Multi-head attention in float32, written for clarity; output in q's dtype.
 
     Args:
-      q: [B, T, N, H]; k, v: [B, S, K, H] with K dividing N (GQA/MQA: query head
+      q: [B, T, N, H]; k: [B, S, K, H]; v: [B, S, K, Hv] with K dividing N (GQA/MQA: query head
         n uses kv head n // (N // K); K/V are not repeated).
       causal: mask future keys; with T != S the last query aligns with the last key.
       segment_ids: int32 [B, T] (T == S) or a (q_ids [B, T], kv_ids [B, S]) pair;
@@ -38,7 +38,7 @@ def reference_attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
       sinks: float [N], one logit per query head added to every row's softmax (unscaled).
 
     Returns:
-      [B, T, N, H] in q's dtype; rows with no key to attend to are zeros.
+      [B, T, N, Hv] in q's dtype; rows with no key to attend to are zeros.
     """
     q_ids, kv_ids, options = base.validate(
         q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
@@ -87,4 +87,4 @@ def attend(q, k, v, q_ids, kv_ids, options: base.Options, bias=None, sinks=None)
         denom_BKGT = denom_BKGT + jnp.exp(sink_1KG11 - max_BKGT)
     probs_BKGTS = probs_BKGTS / jnp.where(denom_BKGT == 0.0, 1.0, denom_BKGT)
     out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v.astype(jnp.float32))
-    return out_BTKGH.reshape(B, T, N, H).astype(q.dtype)
+    return out_BTKGH.reshape(B, T, N, v.shape[3]).astype(q.dtype)
