@@ -45,6 +45,14 @@ _LLAMA4 = dict(vocab_size=VOCAB + 3, hidden_size=HIDDEN, num_hidden_layers=4, nu
                eos_token_id=2, pad_token_id=0,
                rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=16.0, low_freq_factor=1.0,
                                     high_freq_factor=1.0, original_max_position_embeddings=16))
+# DeepSeek: MLA (q/k head 20 = 12 + 8, v head 16), one dense layer then two MoE layers of 12
+# experts in 4 groups of 3 (2 groups kept: 6 eligible for the top-3), YaRN over 16 positions with
+# mscale_all_dim (softmax scale) and, for V3, mscale != mscale_all_dim (cos/sin factor 1.025)
+_DEEPSEEK = dict(vocab_size=VOCAB + 3, hidden_size=HIDDEN, num_hidden_layers=3, first_k_dense_replace=1,
+                 num_attention_heads=HEADS, num_key_value_heads=HEADS, intermediate_size=96, n_routed_experts=12,
+                 num_experts_per_tok=3, n_group=4, topk_group=2, kv_lora_rank=16, qk_nope_head_dim=12,
+                 qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                 pad_token_id=0)
 _MODERNBERT_KEY = "layers.2.attn.Wqkv.weight"
 _DECODER_KEY = "model.layers.1.self_attn.k_proj.weight"  # [K*H, D] = [32, 64]
 _BERT_KEY = "encoder.layer.1.attention.self.key.weight"
@@ -68,6 +76,7 @@ class Checkpoint:
     # ModernBERT's local layers can leave a padded query no key at all: the zoo gives zeros, HF's
     # eager softmax over all-minimum logits averages every value; neither means anything.
     padded_outputs_compared: bool = True
+    buffers: tuple[str, ...] = ()  # buffers redrawn too (names ending so): DeepSeek-V3's router correction bias
 
 
 # name -> checkpoint. Every HF architecture in zoo.registry has at least one; each variant
@@ -141,6 +150,22 @@ CHECKPOINTS: dict[str, Checkpoint] = {
     "llama4-maverick": Checkpoint("Llama4ForCausalLM", "Llama4TextConfig",
                                   dict(**_LLAMA4, num_experts_per_tok=2, interleave_moe_layer_step=2,
                                        use_qk_norm=False, no_rope_layers=[0, 1, 1, 0])),
+    "deepseek_v3": Checkpoint("DeepseekV3ForCausalLM", "DeepseekV3Config",
+                              dict(**_DEEPSEEK, moe_intermediate_size=32, n_shared_experts=2, norm_topk_prob=True,
+                                   routed_scaling_factor=2.5, q_lora_rank=24,
+                                   rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                        original_max_position_embeddings=16, beta_fast=8.0,
+                                                        beta_slow=1.0, mscale=1.0, mscale_all_dim=0.8)),
+                              damage_key="model.layers.1.self_attn.kv_b_proj.weight",
+                              buffers=("e_score_correction_bias",)),
+    # V2-Lite style: a full q projection, softmax with group-limited greedy choice, unnormalised
+    "deepseek_v2": Checkpoint("DeepseekV2ForCausalLM", "DeepseekV2Config",
+                              dict(**_DEEPSEEK, moe_intermediate_size=24, n_shared_experts=2,
+                                   topk_method="group_limited_greedy", routed_scaling_factor=1.5, q_lora_rank=None,
+                                   rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                        original_max_position_embeddings=16, beta_fast=8.0,
+                                                        beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707)),
+                              damage_key="model.layers.1.self_attn.kv_b_proj.weight"),
     "mixtral": Checkpoint("MixtralForCausalLM", "MixtralConfig",
                           dict(**_MOE, intermediate_size=96, num_local_experts=4)),
     # HF's default norm_topk_prob=False: the kept probabilities are not renormalised
@@ -213,6 +238,9 @@ def make_model(name: str, seed: int = 0, **overrides):
                 p.copy_(torch.randn_like(p) * 0.1 + (0.0 if "bias" in key else spec.norm_base))
             else:
                 p.copy_(torch.randn_like(p) * spec.matrix_std)
+        for key, buf in model.named_buffers():
+            if key.endswith(spec.buffers) and spec.buffers:
+                buf.copy_(torch.randn_like(buf) * 0.1)
     return model
 
 

@@ -20,6 +20,9 @@ from zoo.hf.rules import ArchSpec
 from zoo.models.bert import config as bert_config
 from zoo.models.bert import hf as bert_hf
 from zoo.models.bert.model import build_bert
+from zoo.models.deepseek import config as deepseek_config
+from zoo.models.deepseek import hf as deepseek_hf
+from zoo.models.deepseek.model import DeepSeek
 from zoo.models.gemma import config as gemma_config
 from zoo.models.gemma import hf as gemma_hf
 from zoo.models.gpt2 import config as gpt2_config
@@ -153,6 +156,9 @@ register(Family("gemma", gemma_config.GemmaConfig, Llama, kind="decoder", object
 register(Family("moe", moe_config.MoEConfig, MoEDecoder, kind="decoder", objectives=("clm",), tasks=("pretrain",),
                 eval_task="perplexity", hf_specs=moe_hf.ARCHITECTURES,
                 presets=moe_config.PRESETS, hf_imports=moe_hf.IMPORTS))
+register(Family("deepseek", deepseek_config.DeepSeekConfig, DeepSeek, kind="decoder", objectives=("clm",),
+                tasks=("pretrain",), eval_task="perplexity", hf_specs=deepseek_hf.ARCHITECTURES,
+                presets=deepseek_config.PRESETS))
 register(Family("bert", bert_config.BertConfig, build_bert, kind="encoder", objectives=("mlm", "cls"),
                 tasks=("pretrain", "classify"), eval_task=None, hf_specs=bert_hf.ARCHITECTURES,
                 presets=bert_config.PRESETS))

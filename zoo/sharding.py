@@ -32,6 +32,8 @@ RULES: tuple[tuple[str, object], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("q_lora", None),  # DeepSeek's latent ranks stay whole: every head reads the latent
+    ("kv_lora", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),

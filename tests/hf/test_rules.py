@@ -16,6 +16,9 @@ from zoo.hf.rules import ArchSpec, Rule, token_ids_from_hf, token_ids_to_hf
     (Rule("w", ("q", "k", "v"), "fused", (4, 9)), [(4, 3)] * 3),
     (Rule("w", ("q", "k", "v"), "fused_linear", (12, 4)), [(4, 4, 2), (4, 1, 2), (4, 1, 2)]),
     (Rule("w", ("q",), "linear_rope_pairs", (3 * 8, 5)), [(5, 3, 8)]),
+    (Rule("w", ("nope", "rope"), "linear_split_rope_pairs", (3 * (6 + 4), 5)), [(5, 3, 6), (5, 3, 4)]),
+    (Rule("w", ("latent", "rope"), "linear_split_rope_pairs", (7 + 4, 5)), [(5, 7), (5, 4)]),
+    (Rule("w", ("k", "v"), "linear_split", (2 * (3 + 5), 4)), [(4, 2, 3), (4, 2, 5)]),
 ])
 def test_layouts_round_trip_bit_exactly(rule, zoo_shapes):
     x = np.random.default_rng(0).standard_normal(rule.hf_shape).astype(np.float32)
@@ -35,6 +38,19 @@ def test_fused_linear_layout_splits_torch_output_rows_by_size():
     q, k = Rule("w", ("q", "k"), "fused_linear", (6, 4)).to_zoo(w, [(4, 2, 2), (4, 2)])
     np.testing.assert_array_equal(q.reshape(4, 4), w[:4].T)
     np.testing.assert_array_equal(k, w[4:].T)
+
+
+def test_linear_split_takes_each_heads_rows_in_order():
+    """kv_b_proj-like [N * (Dn + Dv), R]: head n's rows are n*(Dn+Dv) + [0, Dn) for k, then Dv for v;
+    with _rope_pairs the last part's rows come even-then-odd."""
+    n, dn, dv, r = 2, 3, 4, 5
+    w = np.arange(n * (dn + dv) * r, dtype=np.float32).reshape(n * (dn + dv), r)
+    k, v = Rule("w", ("k", "v"), "linear_split", w.shape).to_zoo(w, [(r, n, dn), (r, n, dv)])
+    for h in range(n):
+        np.testing.assert_array_equal(k[:, h, :], w[h * (dn + dv):h * (dn + dv) + dn].T)
+        np.testing.assert_array_equal(v[:, h, :], w[h * (dn + dv) + dn:(h + 1) * (dn + dv)].T)
+    _, rope = Rule("w", ("k", "v"), "linear_split_rope_pairs", w.shape).to_zoo(w, [(r, n, dn), (r, n, dv)])
+    np.testing.assert_array_equal(rope[:, 1, :], w[(dn + dv) + dn + np.array([0, 2, 1, 3])].T)
 
 
 def test_stack_entries_take_start_and_stride():

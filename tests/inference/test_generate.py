@@ -52,7 +52,8 @@ def _hf_model(family, tmp_path):
 
 @pytest.mark.torch
 @pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "gemma2", "gemma3", "olmo2", "smollm3",
-                                    "phi3", "phi3-longrope", "gpt_oss", "llama4", "llama4-maverick"])
+                                    "phi3", "phi3-longrope", "gpt_oss", "llama4", "llama4-maverick", "deepseek_v3",
+                                    "deepseek_v2"])
 def test_greedy_matches_transformers(family, tmp_path):
     """Left-padded prompts, 32 new tokens: longer than every sliding window and attention chunk of
     the checkpoints (tests/hf_utils.py), so the cache's windowed and chunked decoding and per-layer

@@ -200,6 +200,8 @@ def test_hf_config_builds_same_param_count(preset):
     with torch.device("meta"):
         model = getattr(transformers, hf["architectures"][0])(transformers.AutoConfig.for_model(**hf))
     count = sum(p.numel() for p in model.parameters())  # a tied tensor counts once
+    # DeepSeek-V3's router correction bias: a buffer in transformers, a (gradient-free) param in the zoo
+    count += sum(b.numel() for key, b in model.named_buffers() if key.endswith("e_score_correction_bias"))
     if cfg.family == "t5" and not cfg.tie_word_embeddings:
         # transformers 5 always ties the T5 family's head when it builds from a config; an untied
         # checkpoint (Flan-T5, mT5, UMT5) brings its own lm_head: one more [V, D] table.

@@ -40,6 +40,9 @@ PUBLISHED = {
     "qwen3-30b-a3b": 30.532e9,
     "gpt-oss-20b": 20.915e9,  # the hub's bf16 checkpoint counts (the model card: 21B / 117B)
     "gpt-oss-120b": 116.83e9,
+    # DeepSeek-V3's 671B is the main model (the release adds a 14B multi-token-prediction layer: "685B")
+    "deepseek-v3-671b": 671.0e9,
+    "deepseek-v2-lite-16b": 15.706e9,
     "bert-base": 109.48e6,
     "bert-large": 335.14e6,
     # the hub's safetensors counts of the MLM checkpoints (model cards round them to 125M/355M/279M/561M)
@@ -66,7 +69,7 @@ PUBLISHED = {
 # technical report's non-embedding count (Table 1, millions) plus the V x D embedding.
 PUBLISHED_NON_EMBEDDING = {"gemma3-4b": 3209e6, "gemma3-12b": 10759e6, "gemma3-27b": 25600e6}
 FULL_SIZE = sorted(n for n in zoo.list_models() if not n.startswith(("tiny-", "small-")))
-DECODERS = [n for n in FULL_SIZE if zoo.config(n).family in ("gpt2", "llama", "gemma", "moe")]
+DECODERS = [n for n in FULL_SIZE if zoo.config(n).family in ("gpt2", "llama", "gemma", "moe", "deepseek")]
 
 
 def test_published_presets_exist():
@@ -112,6 +115,7 @@ def test_hf_config_builds_same_param_count(name):
     with torch.device("meta"):
         model = getattr(transformers, hf["architectures"][0])(hf_config)
     hf_count = sum(p.numel() for p in model.parameters())  # tied tensors are counted once
+    hf_count += sum(b.numel() for key, b in model.named_buffers() if key.endswith("e_score_correction_bias"))
     assert hf_count == zoo.param_count(cfg), name
 
 

@@ -37,7 +37,13 @@ class CheckpointError(ValueError):
 # "linear_rope_pairs": "linear" for a q/k projection whose rows inside each head are RoPE pairs
 #           (x[2i], x[2i+1]) (Llama 4's complex RoPE): the zoo kernel holds each head's even rows, then
 #           its odd rows, the half-split order zoo.nn.rope rotates, so the logits are unchanged.
-LAYOUTS = ("copy", "linear", "fused", "fused_linear", "interleaved", "linear_rope_pairs")
+# "linear_split": a torch nn.Linear weight [G * sum(d_j), in] whose G groups (heads; 1 for an
+#           ungrouped projection) each hold the zoo parts' rows one after another; zoo kernel j is
+#           [in, (G,) d_j] (DeepSeek's q_b_proj = per head [q_nope | q_rope], kv_b_proj = [k_nope | v]).
+# "linear_split_rope_pairs": "linear_split" whose last part is RoPE pairs (x[2i], x[2i+1]),
+#           reordered even-then-odd as in "linear_rope_pairs" (DeepSeek's q_rope and k_rope rows).
+LAYOUTS = ("copy", "linear", "fused", "fused_linear", "interleaved", "linear_rope_pairs", "linear_split",
+           "linear_split_rope_pairs")
 
 
 def _rope_pair_order(head_dim: int) -> np.ndarray:
@@ -87,6 +93,13 @@ class Rule:
             heads, h = zoo_shapes[0][-2:]
             rows = x.reshape(heads, h, -1)[:, _rope_pair_order(h), :]
             return [rows.reshape(heads * h, -1).T.reshape(zoo_shapes[0])]
+        if self.layout in ("linear_split", "linear_split_rope_pairs"):
+            dims = [s[-1] for s in zoo_shapes]
+            n_in = x.shape[1]
+            parts = np.split(x.reshape(-1, sum(dims), n_in), np.cumsum(dims)[:-1], axis=1)  # each [G, d_j, in]
+            if self.layout == "linear_split_rope_pairs":
+                parts[-1] = parts[-1][:, _rope_pair_order(dims[-1]), :]
+            return [p.transpose(2, 0, 1).reshape(s) for p, s in zip(parts, zoo_shapes)]
         if self.layout == "fused_linear":
             n_in = x.shape[1]
             bounds = np.cumsum([int(np.prod(s)) // n_in for s in zoo_shapes])[:-1]
@@ -107,6 +120,14 @@ class Rule:
             heads, h = pieces[0].shape[-2:]
             rows = pieces[0].reshape(-1, heads * h).T.reshape(heads, h, -1)
             return rows[:, np.argsort(_rope_pair_order(h)), :].reshape(self.hf_shape)
+        if self.layout in ("linear_split", "linear_split_rope_pairs"):
+            n_in = self.hf_shape[1]
+            dims = [p.shape[-1] for p in pieces]
+            groups = self.hf_shape[0] // sum(dims)
+            parts = [p.reshape(n_in, groups, d).transpose(1, 2, 0) for p, d in zip(pieces, dims)]
+            if self.layout == "linear_split_rope_pairs":
+                parts[-1] = parts[-1][:, np.argsort(_rope_pair_order(dims[-1])), :]
+            return np.concatenate(parts, axis=1).reshape(self.hf_shape)
         if self.layout == "fused_linear":
             n_in = self.hf_shape[1]
             return np.concatenate([p.reshape(n_in, -1) for p in pieces], axis=1).T

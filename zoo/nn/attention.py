@@ -158,25 +158,15 @@ class SelfAttention(nn.Module):
         itself, so the fused kernel serves it); a single token attends over every
         written slot (within the sliding window, if any).
         """
-        b, t, k, h = k_BTKH.shape
-        names = ("batch", "kv_length", "kv_heads", "head_dim")
-        is_init = not self.has_variable("cache", "key")
-        cached_k = self.variable("cache", "key", jnp.zeros, (b, t, k, h), k_BTKH.dtype)
-        cached_v = self.variable("cache", "value", jnp.zeros, (b, t, k, h), v_BTKH.dtype)
-        cached_ids = self.variable("cache", "segment_ids", jnp.zeros, (b, t), jnp.int32)
-        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        ids_BT = jnp.ones((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
-        if is_init:
+        cached = write_kv_cache(self, k_BTKH, v_BTKH, segment_ids_BT)
+        if cached is None:
             return jnp.zeros_like(q_BTNH)
-        i = index.value
-        cached_k.value = constrain(jax.lax.dynamic_update_slice(cached_k.value, k_BTKH, (0, i, 0, 0)), names)
-        cached_v.value = constrain(jax.lax.dynamic_update_slice(cached_v.value, v_BTKH, (0, i, 0, 0)), names)
-        cached_ids.value = jax.lax.dynamic_update_slice(cached_ids.value, ids_BT, (0, i))
-        index.value = i + t
+        keys_BSKH, values_BSKH, cached_ids_BS, ids_BT, i = cached
+        t = q_BTNH.shape[1]
         if t > 1:
             return self._per_kind(layer, lambda kind, q, k, v: self.attend_kind(
                 kind, q, k, v, causal=True, segment_ids=ids_BT, sinks=sinks), q_BTNH, k_BTKH, v_BTKH)
-        slot_S = jnp.arange(cached_ids.value.shape[1])
+        slot_S = jnp.arange(cached_ids_BS.shape[1])
 
         def one_token(kind, q, keys, values, cached_ids):
             visible_BS = (cached_ids > 0) & (slot_S <= i)[None]
@@ -189,4 +179,30 @@ class SelfAttention(nn.Module):
             return self.attend(q, keys, values, causal=False, segment_ids=(ids_BT, visible_BS.astype(jnp.int32)),
                                sliding_window=None, sinks=sinks)
 
-        return self._per_kind(layer, one_token, q_BTNH, cached_k.value, cached_v.value, cached_ids.value)
+        return self._per_kind(layer, one_token, q_BTNH, keys_BSKH, values_BSKH, cached_ids_BS)
+
+
+def write_kv_cache(module: nn.Module, k_BTKH, v_BTKH, segment_ids_BT):
+    """Writes a chunk's keys, values and segment ids into `module`'s "cache" collection at the
+    cache index (call from the module's compact method).
+
+    `init` on a [B, max_len] input creates the cache at its full length and gets None. Otherwise
+    returns (keys [B, S, K, H], values [B, S, K, Hv], cached segment ids [B, S], the chunk's ids
+    [B, T], the index the chunk was written at); the index then moves on by T.
+    """
+    b, t = k_BTKH.shape[:2]
+    is_init = not module.has_variable("cache", "key")
+    cached_k = module.variable("cache", "key", jnp.zeros, k_BTKH.shape, k_BTKH.dtype)
+    cached_v = module.variable("cache", "value", jnp.zeros, v_BTKH.shape, v_BTKH.dtype)
+    cached_ids = module.variable("cache", "segment_ids", jnp.zeros, (b, t), jnp.int32)
+    index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    ids_BT = jnp.ones((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
+    if is_init:
+        return None
+    i = index.value
+    names = ("batch", "kv_length", "kv_heads", "head_dim")
+    cached_k.value = constrain(jax.lax.dynamic_update_slice(cached_k.value, k_BTKH, (0, i, 0, 0)), names)
+    cached_v.value = constrain(jax.lax.dynamic_update_slice(cached_v.value, v_BTKH, (0, i, 0, 0)), names)
+    cached_ids.value = jax.lax.dynamic_update_slice(cached_ids.value, ids_BT, (0, i))
+    index.value = i + t
+    return cached_k.value, cached_v.value, cached_ids.value, ids_BT, i

@@ -1,0 +1,110 @@
+"""The deepseek family (DeepSeek-V3/V2, Moonlight, Kimi K2): cached decoding against the full
+forward, exact parameter counts from the shapes, the softmax scale and RoPE factor against
+transformers, and the refusals of the config translation. Parity with transformers (left
+padding, round trip, damage, sharded step, pretraining) is in test_contract.py and greedy
+generation in tests/inference/test_generate.py; routing in test_deepseek_routing.py."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import zoo
+from zoo.hf.rules import CheckpointError
+from zoo.models.deepseek import hf as deepseek_hf
+
+
+@pytest.mark.parametrize("preset", ["tiny-deepseek", "tiny-deepseek-v2"])
+def test_cached_decoding_equals_the_full_forward(preset):
+    """Greedy tokens from the KV cache equal the argmax of the full forward over the left-padded
+    prompt and the tokens so far."""
+    cfg = zoo.config(preset)
+    model = zoo.build(cfg)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, cfg.vocab_size, (3, 9)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, :4], mask[1, :2] = 0, 0
+    ids[mask == 0] = 0
+    params = model.init(jax.random.PRNGKey(1), jnp.asarray(ids))["params"]
+    params = jax.tree.map(lambda p: p * 4.0 if p.ndim > 1 else p, nn.unbox(params))  # decisive argmaxes
+    new = np.asarray(zoo.generate(model, params, ids, mask, max_new_tokens=12))
+    full_ids = np.concatenate([ids, new], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(new)], axis=1)
+    positions = np.maximum(np.cumsum(full_mask, -1) - 1, 0)
+    logits = model.apply({"params": params}, jnp.asarray(full_ids), jnp.asarray(full_mask),
+                         positions=jnp.asarray(positions))
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1))[:, ids.shape[1] - 1:-1], new)
+
+
+def _count_by_hand(cfg) -> int:
+    d, n, r, q, v = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank, cfg.q_lora_rank, cfg.vocab_size
+    dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    e, fm, s = cfg.num_experts, cfg.moe_intermediate_size, cfg.n_shared_experts
+    attn = (d * q + q + q * n * (dn + dr) if q else d * n * (dn + dr)) + d * (r + dr) + r + r * n * (dn + dv) + \
+        n * dv * d
+    bias = e if cfg.topk_method == "noaux_tc" else 0
+    moe = e * 3 * d * fm + d * e + bias + 3 * d * s * fm
+    k = cfg.first_k_dense_replace
+    return cfg.num_layers * (attn + 2 * d) + k * 3 * d * cfg.intermediate_size + (cfg.num_layers - k) * moe + \
+        2 * v * d + d
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("deepseek-v3-671b", 671_026_419_200),  # transformers: 671,026,404,352 + 14,848 correction-bias buffers
+    ("deepseek-v2-lite-16b", 15_706_484_224),
+    ("moonlight-16b-a3b", 15_960_110_208),
+    ("kimi-k2-1t", 1_026_408_232_448),  # the model card's "1T"
+])
+def test_full_size_parameter_counts(name, expected):
+    cfg = zoo.config(name)
+    assert _count_by_hand(cfg) == expected == zoo.param_count(cfg)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2"])
+def test_softmax_scale_and_rope_factor_equal_transformers(name):
+    """HF's attention `scaling` (YaRN mscale_all_dim correction) and the factor its rotary
+    embedding multiplies cos/sin by (mscale / mscale_all_dim)."""
+    import hf_utils
+
+    hf = hf_utils.make_model(name)
+    cfg = deepseek_hf.config_from_hf(hf.config.to_dict(), "x", hf_utils.CHECKPOINTS[name].arch)
+    assert cfg.softmax_scale == pytest.approx(hf.model.layers[0].self_attn.scaling, rel=1e-12)
+    assert cfg.rope_factor == pytest.approx(hf.model.rotary_emb.attention_scaling, rel=1e-12)
+    assert cfg.rope_factor != 1.0 or name == "deepseek_v2"
+
+
+def _tiny_hf(name="tiny-deepseek", **changes) -> dict:
+    return {**deepseek_hf.config_to_hf(zoo.config(name)), **changes}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"quantization_config": {"quant_method": "fp8"}}, "fp8"),
+    ({"moe_layer_freq": 2}, "moe_layer_freq"),
+    ({"num_key_value_heads": 2}, "num_key_value_heads"),
+    ({"topk_method": "greedy"}, "topk_method"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"rope_interleave": False}, "rope_interleave"),
+])
+def test_unsupported_v3_checkpoints_are_refused(changes, message):
+    with pytest.raises(CheckpointError, match=message):
+        deepseek_hf.config_from_hf(_tiny_hf(**changes), "x", "DeepseekV3ForCausalLM")
+
+
+def test_v2_refuses_what_transformers_would_ignore():
+    with pytest.raises(CheckpointError, match="norm_topk_prob"):
+        deepseek_hf.config_from_hf(_tiny_hf("tiny-deepseek-v2", norm_topk_prob=True), "x", "DeepseekV2ForCausalLM")
+    with pytest.raises(CheckpointError, match="routes with greedy or group_limited_greedy"):
+        deepseek_hf.config_to_hf(zoo.config("tiny-deepseek", architecture="DeepseekV2ForCausalLM"))
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="no grouped kv heads"):
+        zoo.config("tiny-deepseek", num_kv_heads=2)
+    with pytest.raises(ValueError, match="topk_group"):
+        zoo.config("tiny-deepseek", topk_group=1, num_experts_per_tok=3)  # 1 group of 2 experts < 3
+    with pytest.raises(ValueError, match="head_dim is qk_nope_head_dim"):
+        zoo.config("tiny-deepseek", head_dim=16)
