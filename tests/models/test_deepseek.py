@@ -6,37 +6,20 @@ generation in tests/inference/test_generate.py; routing in test_deepseek_routing
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from flax import linen as nn
 
 import zoo
 from zoo.hf.rules import CheckpointError
 from zoo.models.deepseek import hf as deepseek_hf
+
+from decode_utils import assert_cached_greedy_equals_forward
 
 
 @pytest.mark.parametrize("preset", ["tiny-deepseek", "tiny-deepseek-v2"])
 def test_cached_decoding_equals_the_full_forward(preset):
     """Greedy tokens from the KV cache equal the argmax of the full forward over the left-padded
     prompt and the tokens so far."""
-    cfg = zoo.config(preset)
-    model = zoo.build(cfg)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, cfg.vocab_size, (3, 9)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[0, :4], mask[1, :2] = 0, 0
-    ids[mask == 0] = 0
-    params = model.init(jax.random.PRNGKey(1), jnp.asarray(ids))["params"]
-    params = jax.tree.map(lambda p: p * 4.0 if p.ndim > 1 else p, nn.unbox(params))  # decisive argmaxes
-    new = np.asarray(zoo.generate(model, params, ids, mask, max_new_tokens=12))
-    full_ids = np.concatenate([ids, new], axis=1)
-    full_mask = np.concatenate([mask, np.ones_like(new)], axis=1)
-    positions = np.maximum(np.cumsum(full_mask, -1) - 1, 0)
-    logits = model.apply({"params": params}, jnp.asarray(full_ids), jnp.asarray(full_mask),
-                         positions=jnp.asarray(positions))
-    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1))[:, ids.shape[1] - 1:-1], new)
+    assert_cached_greedy_equals_forward(zoo.config(preset))
 
 
 def _count_by_hand(cfg) -> int:
