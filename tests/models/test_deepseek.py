@@ -6,7 +6,13 @@ generation in tests/inference/test_generate.py; routing in test_deepseek_routing
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import linen as nn
 
 import zoo
 from zoo.hf.rules import CheckpointError
@@ -20,6 +26,77 @@ def test_cached_decoding_equals_the_full_forward(preset):
     """Greedy tokens from the KV cache equal the argmax of the full forward over the left-padded
     prompt and the tokens so far."""
     assert_cached_greedy_equals_forward(zoo.config(preset))
+
+
+def _teacher_forced_decode(model, params, ids, mask, prompt_len):
+    """Logits [B, T - prompt_len + 1, V] of decode mode: the prompt as one chunk, then one given
+    token a step; and the final cache."""
+    b, t = ids.shape
+    dmodel = model.clone(decode=True)
+    _, init = dmodel.apply({"params": params}, jnp.zeros((b, t), jnp.int32), mutable=["cache"])
+    step = jax.jit(lambda cache, ids, mask, positions: dmodel.apply(
+        {"params": params, "cache": cache}, ids, mask, positions=positions, mutable=["cache"]))
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32)
+    logits, cache = step(init["cache"], ids[:, :prompt_len], mask[:, :prompt_len], positions[:, :prompt_len])
+    out = [logits[:, -1]]
+    for i in range(prompt_len, t):
+        logits, cache = step(cache["cache"], ids[:, i:i + 1], mask[:, i:i + 1], positions[:, i:i + 1])
+        out.append(logits[:, -1])
+    return np.stack([np.asarray(x) for x in out], axis=1), cache["cache"]
+
+
+def _cache_leaves(cache) -> dict[str, list]:
+    leaves: dict[str, list] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
+        leaves.setdefault(path[-1].key, []).append(leaf)
+    return leaves
+
+
+def test_latent_cache_equals_the_full_cache_and_the_forward(preset="tiny-deepseek"):
+    """Decoding from the latent cache (absorbed projections) gives the logits of decoding from
+    expanded keys and values and of the no-cache forward, on a left-padded batch; the cache holds
+    (kv_lora_rank + qk_rope_head_dim) values a token a layer and no keys or values."""
+    cfg = zoo.config(preset)
+    assert cfg.kv_cache == "latent"
+    model, full_model = zoo.build(cfg), zoo.build(dataclasses.replace(cfg, kv_cache="full"))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, cfg.vocab_size, (2, 10)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0
+    ids[mask == 0] = 0
+    params = nn.unbox(model.init(jax.random.PRNGKey(2), jnp.asarray(ids))["params"])
+    prompt_len = 5
+    latent, latent_cache = _teacher_forced_decode(model, params, ids, mask, prompt_len)
+    full, full_cache = _teacher_forced_decode(full_model, params, ids, mask, prompt_len)
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    forward = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                                     positions=jnp.asarray(positions)))[:, prompt_len - 1:]
+    scale = np.abs(forward).max()
+    assert scale > 0.1
+    np.testing.assert_allclose(full, forward, rtol=0, atol=2e-6 * scale)
+    np.testing.assert_allclose(latent, forward, rtol=0, atol=2e-6 * scale)
+    np.testing.assert_allclose(latent, full, rtol=0, atol=2e-6 * scale)
+
+    leaves, full_leaves = _cache_leaves(latent_cache), _cache_leaves(full_cache)
+    assert set(leaves) == {"latent", "segment_ids", "index"}
+    assert {"key", "value"} <= set(full_leaves)
+    b, s = ids.shape
+    per_token = sum(x.nbytes for x in leaves["latent"]) / (b * s)
+    assert per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_layers * 4
+    full_per_token = sum(x.nbytes for name in ("key", "value") for x in full_leaves[name]) / (b * s)
+    assert full_per_token == cfg.num_heads * (cfg.head_dim + cfg.v_head_dim) * cfg.num_layers * 4
+
+
+def test_deepseek_v3_latent_cache_is_70272_bytes_a_token_in_bfloat16():
+    """The full-size cache, abstractly: (512 + 64) x 61 layers x 2 bytes a token."""
+    cfg = dataclasses.replace(zoo.config("deepseek-v3-671b"), dtype="bfloat16", param_dtype="bfloat16")
+    dmodel = zoo.build(cfg).clone(decode=True)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    params = jax.eval_shape(lambda: dmodel.init(jax.random.PRNGKey(0), ids))["params"]
+    _, variables = jax.eval_shape(lambda p: dmodel.apply({"params": p}, ids, mutable=["cache"]), params)
+    leaves = _cache_leaves(variables["cache"])
+    per_token = sum(np.prod(x.shape) * x.dtype.itemsize for x in leaves["latent"]) / 8
+    assert per_token == (512 + 64) * 61 * 2 == 70_272
 
 
 def _count_by_hand(cfg) -> int:

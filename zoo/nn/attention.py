@@ -182,27 +182,40 @@ class SelfAttention(nn.Module):
         return self._per_kind(layer, one_token, q_BTNH, keys_BSKH, values_BSKH, cached_ids_BS)
 
 
-def write_kv_cache(module: nn.Module, k_BTKH, v_BTKH, segment_ids_BT):
-    """Writes a chunk's keys, values and segment ids into `module`'s "cache" collection at the
-    cache index (call from the module's compact method).
+def write_cache(module: nn.Module, entries: dict, segment_ids_BT):
+    """Writes a chunk's arrays and segment ids into `module`'s "cache" collection at the cache
+    index (call from the module's compact method). `entries` maps a cache name to (array [B, T, ...],
+    its logical axis names, "batch" and "kv_length" first).
 
     `init` on a [B, max_len] input creates the cache at its full length and gets None. Otherwise
-    returns (keys [B, S, K, H], values [B, S, K, Hv], cached segment ids [B, S], the chunk's ids
-    [B, T], the index the chunk was written at); the index then moves on by T.
+    returns ({name: cached array [B, S, ...]}, cached segment ids [B, S], the chunk's ids [B, T],
+    the index the chunk was written at); the index then moves on by T.
     """
-    b, t = k_BTKH.shape[:2]
-    is_init = not module.has_variable("cache", "key")
-    cached_k = module.variable("cache", "key", jnp.zeros, k_BTKH.shape, k_BTKH.dtype)
-    cached_v = module.variable("cache", "value", jnp.zeros, v_BTKH.shape, v_BTKH.dtype)
+    first = next(iter(entries.values()))[0]
+    b, t = first.shape[:2]
+    is_init = not module.has_variable("cache", "segment_ids")
+    cached = {name: module.variable("cache", name, jnp.zeros, x.shape, x.dtype) for name, (x, _) in entries.items()}
     cached_ids = module.variable("cache", "segment_ids", jnp.zeros, (b, t), jnp.int32)
     index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     ids_BT = jnp.ones((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
     if is_init:
         return None
     i = index.value
-    names = ("batch", "kv_length", "kv_heads", "head_dim")
-    cached_k.value = constrain(jax.lax.dynamic_update_slice(cached_k.value, k_BTKH, (0, i, 0, 0)), names)
-    cached_v.value = constrain(jax.lax.dynamic_update_slice(cached_v.value, v_BTKH, (0, i, 0, 0)), names)
+    for name, (x, names) in entries.items():
+        start = (0, i) + (0,) * (x.ndim - 2)
+        cached[name].value = constrain(jax.lax.dynamic_update_slice(cached[name].value, x, start), names)
     cached_ids.value = jax.lax.dynamic_update_slice(cached_ids.value, ids_BT, (0, i))
     index.value = i + t
-    return cached_k.value, cached_v.value, cached_ids.value, ids_BT, i
+    return {name: var.value for name, var in cached.items()}, cached_ids.value, ids_BT, i
+
+
+def write_kv_cache(module: nn.Module, k_BTKH, v_BTKH, segment_ids_BT):
+    """`write_cache` of keys [B, T, K, H] and values [B, T, K, Hv]: None at init, else (keys
+    [B, S, K, H], values [B, S, K, Hv], cached segment ids [B, S], the chunk's ids [B, T], the
+    index the chunk was written at)."""
+    names = ("batch", "kv_length", "kv_heads", "head_dim")
+    written = write_cache(module, {"key": (k_BTKH, names), "value": (v_BTKH, names)}, segment_ids_BT)
+    if written is None:
+        return None
+    arrays, cached_ids_BS, ids_BT, i = written
+    return arrays["key"], arrays["value"], cached_ids_BS, ids_BT, i

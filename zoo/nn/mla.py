@@ -14,8 +14,15 @@ Params: q_a_proj [D, Rq], q_a_norm [Rq] (or none), q_nope_proj [Rq|D, N, Dn], q_
 [Rq|D, N, Dr], kv_a_proj [D, R], k_rope_proj [D, Dr], kv_a_norm [R], k_nope_proj [R, N, Dn],
 v_proj [R, N, Dv], o_proj [N, Dv, D].
 
-Decoding keeps the expanded keys and values in the KV cache (zoo/nn/attention.py
-`write_kv_cache`); a cache of the latent alone, with the absorbed projections, is to come.
+Decoding (`decode=True`) caches per token and layer only [c_kv | RoPE(k_rope)], R + Dr values
+(`kv_cache="latent"`, the default; DeepSeek-V3 in bfloat16: 576 x 61 x 2 = 70,272 bytes a token
+where full keys and values take 4,997,120). A prompt chunk attends in the expanded form above;
+each later token in the absorbed form, with W_uk folded into the query and W_uv applied to the
+attended latent:
+  logit(n, s) = scale * [q_nope_n W_uk,n^T | q_rope_n] . [c_s | k_rope_s]   (one shared kv head)
+  o_n         = (softmax . c) W_uv,n
+`kv_cache="full"` keeps the expanded keys and values instead (zoo/nn/attention.py
+`write_kv_cache`), the reference the latent cache is tested against.
 """
 
 from __future__ import annotations
@@ -26,13 +33,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 import kernels
-from zoo.nn.attention import write_kv_cache
+from zoo.nn.attention import write_cache, write_kv_cache
 from zoo.nn.linear import Dense
 from zoo.nn.norms import RMSNorm
 from zoo.nn.rope import apply_rope, rope_inv_freq
 from zoo.sharding import constrain
 
 LATENT_NORM_EPS = 1e-6
+KV_CACHES = ("latent", "full")
 
 
 class MLAttention(nn.Module):
@@ -51,6 +59,7 @@ class MLAttention(nn.Module):
     rope_factor: float = 1.0  # YaRN's factor on the rotated q and k (DeepSeek's mscale ratio)
     attention_impl: str | None = None
     decode: bool = False
+    kv_cache: str = "latent"  # KV_CACHES: what decoding keeps per token
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -75,20 +84,50 @@ class MLAttention(nn.Module):
         q_rope_BTNr = apply_rope(q_rope_BTNr, positions_BT, inv_freq) * factor
         k_rope_BT1r = apply_rope(k_rope_BT1r, positions_BT, inv_freq) * factor
 
-        k_nope_BTNd = Dense((n, dn), ("kv_lora",), ("heads", "head_dim"), name="k_nope_proj", **kw)(c_BTR)
-        v_BTNv = Dense((n, dv), ("kv_lora",), ("heads", "head_dim"), name="v_proj", **kw)(c_BTR)
+        k_nope_proj = Dense((n, dn), ("kv_lora",), ("heads", "head_dim"), name="k_nope_proj", **kw)
+        v_proj = Dense((n, dv), ("kv_lora",), ("heads", "head_dim"), name="v_proj", **kw)
+        o_proj = Dense((self.hidden_size,), ("heads", "head_dim"), ("embed",), name="o_proj", **kw)
+        if self.decode and self.kv_cache == "latent":
+            latent_BTL = jnp.concatenate([c_BTR, k_rope_BT1r[:, :, 0]], axis=-1)
+            written = write_cache(self, {"latent": (latent_BTL, ("batch", "kv_length", None))}, segment_ids_BT)
+            if written is not None and t == 1:
+                out_BTNv = self._absorbed_step(q_nope_BTNd, q_rope_BTNr, written, k_nope_proj, v_proj)
+                return o_proj(constrain(out_BTNv, ("batch", "length", "activation_heads", None)))
+            if written is not None:
+                segment_ids_BT = written[2]  # a prompt chunk (from slot 0) attends within itself
+        elif self.decode and self.kv_cache != "full":
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
+
+        k_nope_BTNd, v_BTNv = k_nope_proj(c_BTR), v_proj(c_BTR)
         q_BTNH = jnp.concatenate([q_nope_BTNd, q_rope_BTNr], axis=-1)
         k_BTNH = jnp.concatenate([k_nope_BTNd, jnp.broadcast_to(k_rope_BT1r, (b, t, n, dr))], axis=-1)
-        if self.decode:
+        if self.decode and self.kv_cache == "full":
             out_BTNv = self._attend_with_cache(q_BTNH, k_BTNH, v_BTNv, segment_ids_BT)
         else:
             out_BTNv = kernels.attention(q_BTNH, k_BTNH, v_BTNv, causal=True, segment_ids=segment_ids_BT,
                                          scale=self.scale, implementation=self.attention_impl)
-        out_BTNv = constrain(out_BTNv, ("batch", "length", "activation_heads", None))
-        return Dense((self.hidden_size,), ("heads", "head_dim"), ("embed",), name="o_proj", **kw)(out_BTNv)
+        return o_proj(constrain(out_BTNv, ("batch", "length", "activation_heads", None)))
+
+    def _absorbed_step(self, q_nope_B1Nd, q_rope_B1Nr, written, k_nope_proj, v_proj):
+        """One token over every written latent slot: W_uk folded into the query, W_uv after."""
+        arrays, cached_ids_BS, ids_B1, i = written
+        latent_BSL = arrays["latent"]
+        r = self.kv_lora_rank
+        w_uk_RNd = nn.unbox(k_nope_proj.variables["params"]["kernel"]).astype(self.dtype)
+        w_uv_RNv = nn.unbox(v_proj.variables["params"]["kernel"]).astype(self.dtype)
+        q_lat_B1NR = jnp.einsum("btnd,rnd->btnr", q_nope_B1Nd, w_uk_RNd)
+        q_B1NL = jnp.concatenate([q_lat_B1NR, q_rope_B1Nr], axis=-1)
+        kv_BS1L = latent_BSL[:, :, None, :]
+        slot_S = jnp.arange(cached_ids_BS.shape[1])
+        visible_BS = (cached_ids_BS > 0) & (slot_S <= i)[None]
+        # one query a step is memory-bound; the reference ("xla") takes the value dim R < R + Dr natively
+        o_B1NR = kernels.attention(q_B1NL, kv_BS1L, kv_BS1L[..., :r], scale=self.scale, implementation="xla",
+                                   segment_ids=(ids_B1, visible_BS.astype(jnp.int32)))
+        return jnp.einsum("btnr,rnv->btnv", o_B1NR, w_uv_RNv)
 
     def _attend_with_cache(self, q_BTNH, k_BTNH, v_BTNv, segment_ids_BT):
-        """The prefill (T > 1, from slot 0) attends within itself; one token over every written slot."""
+        """kv_cache="full": the prefill (T > 1, from slot 0) attends within itself; one token over
+        every written slot."""
         cached = write_kv_cache(self, k_BTNH, v_BTNv, segment_ids_BT)
         if cached is None:
             return jnp.zeros(q_BTNH.shape[:3] + (v_BTNv.shape[-1],), q_BTNH.dtype)

@@ -56,6 +56,7 @@ class DeepSeekConfig(ModelConfig):
     routed_scaling_factor: float = 2.5
     router_aux_loss_coef: float = 0.001  # HF aux_loss_alpha (the load-balancing loss, zoo/models/moe/model.py)
     router_z_loss_coef: float = 0.0
+    kv_cache: str = "latent"  # decoding keeps [c_kv | k_rope] a token ("full": expanded K/V; zoo/nn/mla.py)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, list):  # JSON gives lists back
@@ -87,6 +88,8 @@ class DeepSeekConfig(ModelConfig):
             raise ValueError(f"{self.name}: noaux_tc scores a group by its two best experts (needs >= 2 per group)")
         if not 0 <= self.first_k_dense_replace < self.num_layers:
             raise ValueError(f"{self.name}: first_k_dense_replace must be in 0..num_layers-1")
+        if self.kv_cache not in ("latent", "full"):
+            raise ValueError(f"{self.name}: kv_cache must be 'latent' or 'full', got {self.kv_cache!r}")
         if self.rope_scaling is not None and not (self.rope_scaling[0] == "yarn" and len(self.rope_scaling) == 6):
             raise ValueError(f"{self.name}: rope_scaling is ('yarn', factor, beta_fast, beta_slow, original_max, "
                              f"truncate) or None")
