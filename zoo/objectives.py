@@ -85,6 +85,10 @@ def cross_entropy_sums(logits_BTV, targets_BT, valid_BT, z_loss: float = 0.0):
 
 
 AUX_LOSS_COLLECTION = "aux_loss"
+# Per-layer expert loads [layers, E] a model sows for a non-gradient router update after the step
+# (DeepSeek-V3's auxiliary-loss-free balancing; the family's `after_step`). Models whose config
+# says `balances_routers` sow it; it travels in the loss sums under this name.
+ROUTER_LOAD = "router_load"
 
 
 def apply_with_aux_losses(model, params, *args, **kwargs):
@@ -93,12 +97,19 @@ def apply_with_aux_losses(model, params, *args, **kwargs):
     A model with auxiliary losses (MoE routers) declares their weights in
     `model.cfg.aux_loss_weights` and sows one scalar per name into the "aux_loss"
     collection. Returns (output, {name: scalar}); models without any apply exactly as before.
+    With `model.cfg.balances_routers`, the expert loads the model sows into ROUTER_LOAD come back
+    too, under that name (an array, not a loss; `add_aux_losses` passes it on).
     """
     if not getattr(model.cfg, "aux_loss_weights", None):
         return model.apply({"params": params}, *args, **kwargs), {}
-    out, variables = model.apply({"params": params}, *args, mutable=[AUX_LOSS_COLLECTION], **kwargs)
+    load = getattr(model.cfg, "balances_routers", False)
+    mutable = [AUX_LOSS_COLLECTION] + ([ROUTER_LOAD] if load else [])
+    out, variables = model.apply({"params": params}, *args, mutable=mutable, **kwargs)
     sown = variables.get(AUX_LOSS_COLLECTION, {})
-    return out, {name: sum(jax.tree.leaves(values)) for name, values in sown.items()}
+    losses = {name: sum(jax.tree.leaves(values)) for name, values in sown.items()}
+    if load:
+        losses[ROUTER_LOAD] = sum(jax.tree.leaves(variables[ROUTER_LOAD]))
+    return out, losses
 
 
 def add_aux_losses(model, total, sums, aux_losses):
@@ -110,7 +121,9 @@ def add_aux_losses(model, total, sums, aux_losses):
     """
     if not aux_losses:
         return total, sums
-    weights, sums = model.cfg.aux_loss_weights, dict(sums)
+    weights, sums, aux_losses = model.cfg.aux_loss_weights, dict(sums), dict(aux_losses)
+    if ROUTER_LOAD in aux_losses:  # expert counts, summed over microbatches by the step as they are
+        sums[ROUTER_LOAD] = aux_losses.pop(ROUTER_LOAD)
     for name, value in aux_losses.items():
         if name not in weights:
             raise ValueError(f"model {model.cfg.name!r} sows auxiliary loss {name!r} but declares no weight for it")

@@ -23,6 +23,7 @@ from zoo.models.bert.model import build_bert
 from zoo.models.deepseek import config as deepseek_config
 from zoo.models.deepseek import hf as deepseek_hf
 from zoo.models.deepseek.model import DeepSeek
+from zoo.models.deepseek.model import balance_routers as deepseek_balance_routers
 from zoo.models.gemma import config as gemma_config
 from zoo.models.gemma import hf as gemma_hf
 from zoo.models.gpt2 import config as gpt2_config
@@ -61,6 +62,9 @@ class Family:
     # HF classes that import into this family as one of its own (Gemma 3's multimodal class: its text
     # tower, a Gemma3ForCausalLM); never exported under that name
     hf_imports: dict[str, ArchSpec] = dataclasses.field(default_factory=dict)
+    # (cfg, params, router load [layers, E]) -> params: the train step's non-gradient update after the
+    # optimizer, for configs with `balances_routers` (zoo/objectives.py ROUTER_LOAD)
+    after_step: Callable | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -158,7 +162,7 @@ register(Family("moe", moe_config.MoEConfig, MoEDecoder, kind="decoder", objecti
                 presets=moe_config.PRESETS, hf_imports=moe_hf.IMPORTS))
 register(Family("deepseek", deepseek_config.DeepSeekConfig, DeepSeek, kind="decoder", objectives=("clm",),
                 tasks=("pretrain",), eval_task="perplexity", hf_specs=deepseek_hf.ARCHITECTURES,
-                presets=deepseek_config.PRESETS))
+                presets=deepseek_config.PRESETS, after_step=deepseek_balance_routers))
 register(Family("bert", bert_config.BertConfig, build_bert, kind="encoder", objectives=("mlm", "cls"),
                 tasks=("pretrain", "classify"), eval_task=None, hf_specs=bert_hf.ARCHITECTURES,
                 presets=bert_config.PRESETS))

@@ -168,3 +168,114 @@ def test_config_checks():
         zoo.config("tiny-deepseek", topk_group=1, num_experts_per_tok=3)  # 1 group of 2 experts < 3
     with pytest.raises(ValueError, match="head_dim is qk_nope_head_dim"):
         zoo.config("tiny-deepseek", head_dim=16)
+
+
+def test_train_step_moves_the_correction_bias_toward_balanced_load():
+    """The train step adds bias_update_rate * sign(mean load - load) to each MoE layer's correction
+    bias, from the batch's expert loads (checked exactly against a separate forward); the
+    optimizer neither decays it nor moves it (no gradient), and repeated steps on a skewed start
+    spread the load."""
+    from zoo.models.moe.model import ROUTER_LOAD
+    from zoo.sharding import make_mesh
+    from zoo.training.optimizer import OptimConfig
+    from zoo.training.step import init_state, make_trainer, mesh_context
+
+    from step_utils import packed_batch
+
+    rate = 0.02
+    cfg = dataclasses.replace(zoo.config("tiny-deepseek"), bias_update_rate=rate)
+    assert cfg.balances_routers
+    batch = packed_batch(cfg.vocab_size, b=4, t=32)
+    mesh = make_mesh("data=1", devices=jax.devices()[:1])
+    tr = make_trainer(cfg, mesh, OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1), batch_size=4, seq_len=32)
+    state = jax.device_get(init_state(tr, mesh, seed=0))
+    bias = np.zeros(state["params"]["layers"]["mlp"]["correction_bias"].shape, np.float32)
+    bias[:, :2] = 1.0  # every token picks experts 0 and 1
+    state["params"]["layers"]["mlp"]["correction_bias"] = bias
+    _, sown = tr.model.apply({"params": state["params"]}, batch["input_ids"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"], mutable=[ROUTER_LOAD])
+    load = np.asarray(sown[ROUTER_LOAD]["counts"][0])
+    tokens = (batch["segment_ids"] > 0).sum()
+    np.testing.assert_array_equal(load.sum(-1), cfg.num_experts_per_tok * tokens)
+    assert np.all(load[:, :2] == tokens)
+
+    ratios = []
+    with mesh_context(mesh):
+        state = jax.device_put(state, tr.state_shardings)
+        for i in range(40):
+            state, metrics = tr.step(state, {k: jax.device_put(v, tr.batch_sharding) for k, v in batch.items()})
+            ratios.append(float(metrics["router_max_load"]))
+            if i == 0:
+                expected = bias + np.float32(rate) * np.sign(load.mean(-1, keepdims=True) - load).astype(np.float32)
+                got = np.asarray(state["params"]["layers"]["mlp"]["correction_bias"])
+                np.testing.assert_array_equal(got, expected)
+    first = ratios[0]
+    assert first == pytest.approx(float(np.mean(load.max(-1) / load.mean(-1))), rel=1e-6)
+    assert first == pytest.approx(cfg.num_experts / cfg.num_experts_per_tok)  # 4: two experts take everything
+    assert max(ratios[-5:]) < 0.6 * first, ratios
+
+
+def _mtp_setup(mtp_loss_weight=0.3):
+    """A tiny V3 with one MTP depth and plain RoPE, random norms and biases, and a packed batch."""
+    from step_utils import packed_batch
+
+    cfg = dataclasses.replace(zoo.config("tiny-deepseek"), num_mtp_layers=1, mtp_loss_weight=mtp_loss_weight,
+                              rope_scaling=None, yarn_mscale=None, yarn_mscale_all_dim=None)
+    model = zoo.build(cfg)
+    batch = packed_batch(cfg.vocab_size, b=2, t=32, seed=3)
+    params = nn.unbox(model.init(jax.random.PRNGKey(4), jnp.asarray(batch["input_ids"]))["params"])
+    rng = np.random.default_rng(5)
+
+    def perturb(path, x):
+        name = path[-1].key
+        if name == "scale":
+            return x * (1 + 0.2 * rng.standard_normal(x.shape)).astype(np.float32)
+        if name == "correction_bias":
+            return (0.05 * rng.standard_normal(x.shape)).astype(np.float32)
+        return x * 8.0  # O(1) activations: every piece of the layer matters to the loss
+    params = jax.tree_util.tree_map_with_path(perturb, jax.device_get(params))
+    return cfg, model, params, batch
+
+
+def _clm_loss(model, params, batch):
+    from zoo import objectives
+
+    total, sums = objectives.get("clm").loss_fn(model, params, {k: jnp.asarray(v) for k, v in batch.items()}, None)
+    return np.float64(total) / np.float64(sums["weight"]), jax.device_get(sums)
+
+
+def test_mtp_loss_equals_a_float64_numpy_implementation():
+    """clm loss with MTP = the loss without it + mtp_loss_weight x the MTP loss of an independent
+    float64 numpy forward of the MTP depth (from the main model's final hidden states), on packed
+    rows of two documents and padding."""
+    from deepseek_reference import mtp_loss
+
+    cfg, model, params, batch = _mtp_setup()
+    with_mtp, sums = _clm_loss(model, params, batch)
+    without, _ = _clm_loss(zoo.build(dataclasses.replace(cfg, mtp_loss_weight=0.0)), params, batch)
+    hidden = model.apply({"params": params}, jnp.asarray(batch["input_ids"]), positions=jnp.asarray(batch["positions"]),
+                         segment_ids=jnp.asarray(batch["segment_ids"]), return_hidden=True)
+    f64 = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    expected = mtp_loss(f64, cfg, np.asarray(hidden, np.float64), batch["input_ids"], batch["segment_ids"],
+                        batch["positions"])
+    assert 1.0 < expected < 20.0
+    np.testing.assert_allclose(sums["mtp_loss"] / sums["weight"], expected, rtol=2e-5)
+    np.testing.assert_allclose(with_mtp - without, 0.3 * expected, rtol=2e-5)
+
+
+def test_mtp_off_gives_the_loss_of_the_model_without_mtp_exactly():
+    """mtp_loss_weight 0 skips the MTP depth: the loss and every sum equal, bit for bit, those of the
+    same model built without MTP (its params without mtp_0); inference never runs MTP."""
+    cfg, _, params, batch = _mtp_setup(mtp_loss_weight=0.0)
+    off, off_sums = _clm_loss(zoo.build(cfg), params, batch)
+    plain = {k: v for k, v in params.items() if k != "mtp_0"}
+    base, base_sums = _clm_loss(zoo.build(dataclasses.replace(cfg, num_mtp_layers=0)), plain, batch)
+    assert off == base and "mtp_loss" not in off_sums
+    assert set(off_sums) == set(base_sums)
+    for key in base_sums:
+        np.testing.assert_array_equal(off_sums[key], base_sums[key])
+    ids = jnp.asarray(batch["input_ids"])
+    on_model = zoo.build(dataclasses.replace(cfg, mtp_loss_weight=0.3))
+    np.testing.assert_array_equal(np.asarray(on_model.apply({"params": params}, ids)),
+                                  np.asarray(zoo.build(dataclasses.replace(cfg, num_mtp_layers=0)).apply(
+                                      {"params": plain}, ids)))

@@ -10,28 +10,7 @@ import pytest
 
 from zoo.models.deepseek.routing import bias_update, route_grouped
 
-
-def np_route(logits, bias, k, method, groups, topk_group, normalize, scale):
-    """transformers' DeepseekV3TopkRouter (noaux_tc) and DeepseekV2Moe gating, in float64."""
-    n, e = logits.shape
-    if method == "noaux_tc":
-        s = 1 / (1 + np.exp(-logits))
-        c = s + bias
-        group_score = np.sort(c.reshape(n, groups, e // groups), -1)[..., -2:].sum(-1)
-    else:
-        s = np.exp(logits - logits.max(-1, keepdims=True))
-        s /= s.sum(-1, keepdims=True)
-        c = s.copy()
-        group_score = c.reshape(n, groups, e // groups).max(-1) if method == "group_limited_greedy" else None
-    if group_score is not None:
-        keep = np.zeros((n, groups), bool)
-        keep[np.arange(n)[:, None], np.argsort(-group_score, -1)[:, :topk_group]] = True
-        c = np.where(np.repeat(keep, e // groups, -1), c, -np.inf)
-    idx = np.argsort(-c, -1, kind="stable")[:, :k]
-    w = np.take_along_axis(s, idx, -1)
-    if normalize:
-        w = w / (w.sum(-1, keepdims=True) + 1e-20)
-    return idx, w * scale
+from deepseek_reference import np_route
 
 
 def _logit(p):

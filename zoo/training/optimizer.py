@@ -24,10 +24,10 @@ class OptimConfig:
 
 
 def _decay_mask(params):
-    """No weight decay on norm scales and biases."""
+    """No weight decay on norm scales, biases and router correction biases (which no gradient trains)."""
     def keep(path, _):
         names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        return names[-1] not in ("scale", "bias")
+        return names[-1] not in ("scale", "bias", "correction_bias")
     return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -19,7 +19,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 import zoo
-from zoo import objectives
+from zoo import objectives, registry
 from zoo.sharding import RULES, constrain, logical_spec, logical_to_sharding
 from zoo.training.optimizer import OptimConfig, make_optimizer
 
@@ -63,6 +63,8 @@ def make_train_step(model, objective, tx, schedule, *, grad_accum: int = 1, z_lo
     """
 
 
+    after_step = registry.of(model.cfg).after_step
+
     def loss_sums(params, batch, rng):
         return objective.loss_fn(model, params, batch, rng, z_loss=z_loss)
 
@@ -93,10 +95,14 @@ def make_train_step(model, objective, tx, schedule, *, grad_accum: int = 1, z_lo
         (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
 
         weight = jnp.maximum(sums.pop("weight"), 1.0)
+        load = sums.pop(objectives.ROUTER_LOAD, None)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         metrics = {k: v / weight for k, v in sums.items()}
+        if load is not None:  # a non-gradient update from the whole batch's expert loads (DeepSeek-V3's balancing)
+            new_params = after_step(model.cfg, new_params, load)
+            metrics["router_max_load"] = jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1.0))
         grad_norm = optax.global_norm(grads)
         # A non-finite loss or gradient leaves params and optimizer state as they were
         # (the step counter and rng still advance, so data and schedule stay aligned).

@@ -56,6 +56,12 @@ class DeepSeekConfig(ModelConfig):
     routed_scaling_factor: float = 2.5
     router_aux_loss_coef: float = 0.001  # HF aux_loss_alpha (the load-balancing loss, zoo/models/moe/model.py)
     router_z_loss_coef: float = 0.0
+    # auxiliary-loss-free balancing (topk_method "noaux_tc"): after each train step the correction bias
+    # moves by this much toward balanced load, b += rate * sign(mean load - load) (0: off)
+    bias_update_rate: float = 0.001
+    # multi-token prediction (training only): depths whose loss, averaged, is added times mtp_loss_weight
+    num_mtp_layers: int = 0  # HF num_nextn_predict_layers (DeepSeek-V3's release has 1)
+    mtp_loss_weight: float = 0.3
     kv_cache: str = "latent"  # decoding keeps [c_kv | k_rope] a token ("full": expanded K/V; zoo/nn/mla.py)
 
     def __post_init__(self):
@@ -88,6 +94,10 @@ class DeepSeekConfig(ModelConfig):
             raise ValueError(f"{self.name}: noaux_tc scores a group by its two best experts (needs >= 2 per group)")
         if not 0 <= self.first_k_dense_replace < self.num_layers:
             raise ValueError(f"{self.name}: first_k_dense_replace must be in 0..num_layers-1")
+        if self.num_mtp_layers < 0 or not self.mtp_loss_weight >= 0:
+            raise ValueError(f"{self.name}: num_mtp_layers and mtp_loss_weight must be >= 0")
+        if not self.bias_update_rate >= 0:
+            raise ValueError(f"{self.name}: bias_update_rate must be >= 0, got {self.bias_update_rate}")
         if self.kv_cache not in ("latent", "full"):
             raise ValueError(f"{self.name}: kv_cache must be 'latent' or 'full', got {self.kv_cache!r}")
         if self.rope_scaling is not None and not (self.rope_scaling[0] == "yarn" and len(self.rope_scaling) == 6):
@@ -121,9 +131,15 @@ class DeepSeekConfig(ModelConfig):
         return yarn_mscale(factor)
 
     @property
+    def balances_routers(self) -> bool:
+        """Whether the train step updates the correction bias (zoo/models/deepseek/model.py `balance_routers`)."""
+        return self.topk_method == "noaux_tc" and self.bias_update_rate > 0
+
+    @property
     def aux_loss_weights(self) -> dict[str, float]:
         """Weight of each auxiliary loss the model sows (read by zoo/objectives.py)."""
-        return {"load_balancing_loss": self.router_aux_loss_coef, "router_z_loss": self.router_z_loss_coef}
+        mtp = {"mtp_loss": self.mtp_loss_weight} if self.num_mtp_layers else {}
+        return {"load_balancing_loss": self.router_aux_loss_coef, "router_z_loss": self.router_z_loss_coef, **mtp}
 
     def flops_per_token(self, seq_len: int) -> float:
         """6 x the matmul params a token meets (k routed + the shared experts) + attention (QK^T over

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from zoo.models.deepseek.config import DeepSeekConfig
-from zoo.models.deepseek.routing import route_grouped
-from zoo.models.moe.model import AUX_LOSS_COLLECTION, MoEDecoderBlock, aux_losses, dispatch_experts
+from zoo.models.deepseek.routing import bias_update, route_grouped
+from zoo.models.moe.model import AUX_LOSS_COLLECTION, ROUTER_LOAD, MoEDecoderBlock, aux_losses, dispatch_experts
 from zoo.nn.blocks import DecoderBlock
 from zoo.nn.embed import Embed
 from zoo.nn.linear import Dense, default_init, param_with_axes
@@ -84,6 +84,72 @@ class DeepSeekMoE(nn.Module):
         return y_ND.reshape(b, t, d), stats
 
 
+class MTPLayer(nn.Module):
+    """One multi-token-prediction depth (DeepSeek-V3 §2.2): `__call__(h_BTD, emb_BTD, positions_BT,
+    segment_ids_BT) -> (head_norm(block(eh_proj([enorm(emb) | hnorm(h)]))), router statistics)`,
+    where emb holds the embeddings of the tokens one further ahead than h's depth saw.
+
+    Params: enorm/scale, hnorm/scale [D], eh_proj/kernel [2D, D], block/... (one MoE decoder
+    layer), head_norm/scale [D] (HF shared_head.norm).
+    """
+
+    cfg: DeepSeekConfig
+    make_norm: Any
+    make_attention: Any
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h_BTD, emb_BTD, positions_BT, segment_ids_BT):
+        cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        u_BTD = jnp.concatenate([RMSNorm(cfg.rms_norm_eps, name="enorm", **kw)(emb_BTD),
+                                 RMSNorm(cfg.rms_norm_eps, name="hnorm", **kw)(h_BTD)], axis=-1)
+        u_BTD = Dense((cfg.hidden_size,), ("mlp",), ("embed",), name="eh_proj", **kw)(u_BTD)
+        g_BTD, stats = MoEDecoderBlock(self.make_norm, self.make_attention, partial(DeepSeekMoE, cfg, **kw),
+                                        name="block")(
+            u_BTD, positions_BT, segment_ids_BT)
+        return RMSNorm(cfg.rms_norm_eps, name="head_norm", **kw)(g_BTD), stats
+
+
+def mtp_targets(input_ids_BT, segment_ids_BT, depth: int):
+    """Depth j's (0-based) targets t_{i+j+2} and where they count: position i and every position up
+    to i+j+2 are in one document (not padding)."""
+    shift = depth + 2
+    t = input_ids_BT.shape[1]
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones(input_ids_BT.shape, jnp.int32)
+    pad = lambda x: jnp.pad(x[:, shift:], ((0, 0), (0, min(shift, t))))[:, :t]
+    valid_BT = segment_ids_BT > 0
+    for m in range(1, shift + 1):
+        ahead = jnp.pad(segment_ids_BT[:, m:], ((0, 0), (0, min(m, t))))[:, :t]
+        valid_BT &= ahead == segment_ids_BT
+    return pad(input_ids_BT), valid_BT
+
+
+def shifted_ids(input_ids_BT, depth: int):
+    """The tokens depth j (0-based) embeds: t_{i+j+1}, id 0 past the end."""
+    t = input_ids_BT.shape[1]
+    return jnp.pad(input_ids_BT[:, depth + 1:], ((0, 0), (0, min(depth + 1, t))))[:, :t]
+
+
+def balance_routers(cfg: DeepSeekConfig, params: dict, load_LE) -> dict:
+    """DeepSeek-V3's auxiliary-loss-free balancing, after the optimizer's update: each MoE layer's
+    correction bias moves by `bias_update_rate` toward balanced load, b_e += rate * sign(mean_e(load)
+    - load_e), from the step's (token, expert) counts [moe layers, E] over the whole batch."""
+    params = dict(params)
+    stacks = ["layers"] + [f"mtp_{j}" for j in range(cfg.num_mtp_layers) if load_LE.shape[0] > cfg.moe_layers]
+    row = 0
+    for name in stacks:  # the MoE stack's rows, then one row per MTP depth (when MTP ran)
+        mlp = dict(params[name]["mlp"] if name == "layers" else params[name]["block"]["mlp"])
+        rows = cfg.moe_layers if name == "layers" else 1
+        load = load_LE[row:row + rows] if name == "layers" else load_LE[row]
+        mlp["correction_bias"] = bias_update(mlp["correction_bias"], load, cfg.bias_update_rate)
+        params[name] = ({**params[name], "mlp": mlp} if name == "layers" else
+                        {**params[name], "block": {**params[name]["block"], "mlp": mlp}})
+        row += rows
+    return params
+
+
 class DeepSeek(nn.Module):
     """`apply(params, input_ids, attention_mask=None, *, positions, segment_ids)` -> logits; with
     mutable=["aux_loss"] the auxiliary losses too."""
@@ -116,11 +182,34 @@ class DeepSeek(nn.Module):
         x_BTD, stats_L = moe(x_BTD, positions_BT, segment_ids_BT)
         for name, value in aux_losses(stats_L, cfg.num_experts).items():
             self.sow(AUX_LOSS_COLLECTION, name, value)
+        counts = [stats_L["expert_counts"]]
         x_BTD = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(x_BTD)
         if return_hidden:
             return x_BTD
         if cfg.tie_word_embeddings:
-            logits_BTV = embed.attend(x_BTD)
+            head = embed.attend
         else:
-            logits_BTV = Dense((cfg.vocab_size,), ("embed",), ("vocab",), name="lm_head", **kw)(x_BTD)
+            head = Dense((cfg.vocab_size,), ("embed",), ("vocab",), name="lm_head", **kw)
+        logits_BTV = head(x_BTD)
+        # multi-token prediction: a training loss only (runs while the aux losses are collected, and at init)
+        if cfg.num_mtp_layers and (self.is_initializing() or (
+                cfg.mtp_loss_weight > 0 and self.is_mutable_collection(AUX_LOSS_COLLECTION))):
+            h_BTD, losses = x_BTD, []
+            for j in range(cfg.num_mtp_layers):
+                emb_BTD = embed(shifted_ids(input_ids, j))
+                h_BTD, stats = MTPLayer(cfg, **blocks, name=f"mtp_{j}", **kw)(h_BTD, emb_BTD, positions_BT + j + 1,
+                                                                            segment_ids_BT)
+                counts.append(stats["expert_counts"][None])
+                targets_BT, valid_BT = mtp_targets(input_ids, segment_ids_BT, j)
+                losses.append(_masked_cross_entropy(head(h_BTD).astype(jnp.float32), targets_BT, valid_BT))
+            self.sow(AUX_LOSS_COLLECTION, "mtp_loss", sum(losses) / cfg.num_mtp_layers)
+        self.sow(ROUTER_LOAD, "counts", jnp.concatenate(counts))  # for balance_routers; a no-op unless mutable
         return constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "activation_vocab"))
+
+
+def _masked_cross_entropy(logits_BTV, targets_BT, valid_BT):
+    """Mean next-token cross-entropy over the valid positions (0 when none)."""
+    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+    nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    valid_BT = valid_BT.astype(jnp.float32)
+    return jnp.sum(nll_BT * valid_BT) / jnp.maximum(jnp.sum(valid_BT), 1.0)

@@ -47,6 +47,7 @@ from zoo.nn.scan import scan_layers
 from zoo.sharding import constrain
 
 AUX_LOSS_COLLECTION = "aux_loss"
+ROUTER_LOAD = "router_load"  # expert loads for a non-gradient router update (zoo/objectives.py)
 
 
 def route(logits_NE, k: int, normalize: bool):
