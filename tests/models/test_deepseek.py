@@ -7,6 +7,7 @@ generation in tests/inference/test_generate.py; routing in test_deepseek_routing
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -279,3 +280,87 @@ def test_mtp_off_gives_the_loss_of_the_model_without_mtp_exactly():
     np.testing.assert_array_equal(np.asarray(on_model.apply({"params": params}, ids)),
                                   np.asarray(zoo.build(dataclasses.replace(cfg, num_mtp_layers=0)).apply(
                                       {"params": plain}, ids)))
+
+
+def test_mtp_weights_export_and_import_in_the_release_layout(tmp_path):
+    """A model with one MTP depth exports it as layer L (enorm, hnorm, eh_proj, a MoE layer,
+    shared_head.norm, and the embedding and LM head again); import finds the depth from the
+    tensors (config.json says num_nextn_predict_layers either way), bit-exact, re-export writes
+    the same tensors, and a copy that differs from its source is refused by name."""
+    from safetensors.numpy import load_file
+
+    from zoo.hf.convert import from_hf, to_hf
+
+    import hf_utils
+
+    cfg, model, params, _ = _mtp_setup()
+    to_hf(model, params, tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "model.safetensors")
+    layer = f"model.layers.{cfg.num_layers}."
+    for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                 "self_attn.kv_b_proj.weight", "mlp.gate.e_score_correction_bias", "mlp.experts.7.down_proj.weight"):
+        assert layer + name in tensors, name
+    np.testing.assert_array_equal(tensors[layer + "embed_tokens.weight"], tensors["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(tensors[layer + "shared_head.head.weight"], tensors["lm_head.weight"])
+    np.testing.assert_array_equal(tensors[layer + "eh_proj.weight"], np.asarray(params["mtp_0"]["eh_proj"]["kernel"]).T)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+
+    loaded_model, loaded = from_hf(tmp_path / "a")
+    assert loaded_model.cfg.num_mtp_layers == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(params))
+    to_hf(loaded_model, loaded, tmp_path / "b")
+    again = load_file(tmp_path / "b" / "model.safetensors")
+    assert set(again) == set(tensors)
+    for key in tensors:
+        np.testing.assert_array_equal(again[key], tensors[key], err_msg=key)
+
+    hf_utils.edit_tensors(tmp_path / "b", lambda t: t.update({layer + "embed_tokens.weight":
+                                                             t[layer + "embed_tokens.weight"] * 2}))
+    with pytest.raises(CheckpointError, match=rf"{layer}embed_tokens.weight.*must equal.*model.embed_tokens.weight"):
+        from_hf(tmp_path / "b")
+
+
+def test_a_checkpoint_without_mtp_tensors_imports_without_mtp(tmp_path):
+    """transformers' config says num_nextn_predict_layers 1 but saves no MTP tensor: no MTP depth."""
+    from zoo.hf.convert import from_hf, to_hf
+
+    import hf_utils
+
+    cfg = zoo.config("tiny-deepseek")
+    model = zoo.build(cfg)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    to_hf(model, params, tmp_path / "a")
+    hf_utils.edit_config(tmp_path / "a", num_nextn_predict_layers=1)
+    assert from_hf(tmp_path / "a")[0].cfg.num_mtp_layers == 0
+
+
+@pytest.mark.torch
+def test_mtp_loss_equals_transformers_mtp_model(tmp_path):
+    """The exported MTP depth loaded by transformers (DeepseekV3ForCausalLM, then MtpModel from
+    the same files: its `forward_layer` on the main model's last hidden states and the next
+    tokens) gives next-next-token logits whose mean cross-entropy is the zoo's mtp_loss."""
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.modeling_layers import MtpModel
+
+    from zoo import objectives
+    from zoo.hf.convert import to_hf
+
+    cfg, model, params, batch = _mtp_setup()
+    to_hf(model, params, tmp_path / "a")
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float32)
+    # MtpModel finds the depth by the main class's ignore patterns, which name the release's layer 61
+    hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{cfg.num_layers}\."]
+    mtp = MtpModel.from_pretrained(hf)
+    ids = batch["input_ids"][:, :16]
+    tokens = torch.tensor(ids, dtype=torch.long)
+    with torch.no_grad():
+        hidden = hf.model(tokens).last_hidden_state
+        positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+        logits = mtp._project_to_logits(mtp.forward_layer(0, hidden[:, :-1], positions[:, 1:], None,
+                                                          input_ids=tokens[:, 1:])).double().numpy()
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected = -np.mean(np.take_along_axis(logp[:, :-1], ids[:, 2:, None], -1))
+    _, aux = objectives.apply_with_aux_losses(model, params, jnp.asarray(ids))
+    np.testing.assert_allclose(float(aux["mtp_loss"]), expected, rtol=1e-5)

@@ -116,20 +116,23 @@ def from_hf(path, dtype=jnp.float32):
         raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
     cfg = config_from_hf(hf_config, name=root.resolve().name, dtype=dtype, where=str(config_path))
     spec = _spec(hf_config["architectures"][0], str(config_path))
+    files = [SafetensorsFile(f) for f in checkpoint_files(root)]
+    owner = {raw_key: file for file in files for raw_key in file.keys}
+    by_key = {spec.normalize_key(raw_key): (file, raw_key) for raw_key, file in owner.items()}
+    cfg = spec.fit_to_tensors(cfg, frozenset(by_key))
     model = registry.of(cfg).build(cfg)
     zoo_shapes = _abstract_shapes(model)
     np_dtype = np.dtype(jnp.dtype(dtype))
 
     rules = spec.weights(cfg)
     expected = {key: (rule, idx) for rule in rules for key, idx in rule.expand()}
-    tied = spec.tied(cfg)
+    tied = {**{k: (v, "tied embeddings") for k, v in spec.tied(cfg).items()},
+            **{k: (v, "the checkpoint holds it twice") for k, v in spec.copies(cfg).items()}}
     ignore = [re.compile(p) for p in spec.ignore]
     buffers = {p: np.empty(zoo_shapes[p], np_dtype) for rule in rules for p in rule.zoo}
     loaded: set[str] = set()
-    aliases: list[tuple[SafetensorsFile, str, str]] = []
+    aliases: list[tuple[SafetensorsFile, str, tuple[str, str]]] = []
 
-    files = [SafetensorsFile(f) for f in checkpoint_files(root)]
-    owner = {raw_key: file for file in files for raw_key in file.keys}
     for file in files:
         for raw_key in file.keys:
             key = spec.normalize_key(raw_key)
@@ -168,14 +171,11 @@ def from_hf(path, dtype=jnp.float32):
         where = ", ".join(str(f.path) for f in files)
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{where}: missing tensor {missing[0]!r}{more}")
-    for file, raw_key, source in aliases:
-        rule, idx = expected[source]
-        if rule.layout != "copy" or idx:
-            raise CheckpointError(f"internal: tied source {source} must be a plain copy")
-        if file.shape(raw_key) != rule.hf_shape or not np.array_equal(file.read(raw_key).astype(np_dtype),
-                                                                         buffers[rule.zoo[0]]):
-            raise CheckpointError(f"{file.path}: tensor {raw_key!r} must equal {source!r} "
-                                  "(tied embeddings) but differs")
+    for file, raw_key, (source, why) in aliases:  # the source itself was loaded (else it is missing above)
+        src_file, src_raw = by_key[source]
+        if file.shape(raw_key) != src_file.shape(src_raw) or not np.array_equal(file.read(raw_key),
+                                                                               src_file.read(src_raw)):
+            raise CheckpointError(f"{file.path}: tensor {raw_key!r} must equal {source!r} ({why}) but differs")
 
     params = {p: jnp.asarray(buffers.pop(p)) for p in list(buffers)}
     return model, _nest(params)
@@ -347,6 +347,8 @@ def to_hf(model: nn.Module, params, out_dir, *, tokenizer=None, side_files_from=
         dtype = arrays[0].dtype
         for key, idx in rule.expand():
             tensors.append((key, rule.hf_shape, dtype, lambda r=rule, a=arrays, i=idx: _hf_tensor(r, a, i)))
+    by_name = {t[0]: t for t in tensors}
+    tensors += [(alias,) + by_name[source][1:] for alias, source in spec.copies(cfg).items()]
     tensors.sort(key=lambda t: t[0])
 
     with staged_dir(out) as tmp:

@@ -160,7 +160,11 @@ class ArchSpec:
     weights(cfg) -> list of Rules; ignore: regexes of HF keys that are buffers, not
     weights; tied(cfg) -> {alias key: source key} for tensors that may be present in a
     checkpoint but must equal their source (tied LM heads); normalize_key maps legacy
-    key spellings to the table's; mxfp4: the loader dequantises MXFP4 block/scale pairs.
+    key spellings to the table's; mxfp4: the loader dequantises MXFP4 block/scale pairs;
+    fit_to_tensors(cfg, keys) -> cfg: what only the checkpoint's tensor names tell (DeepSeek-V3's
+    multi-token-prediction layers, which config.json claims whether or not they were saved);
+    copies(cfg) -> {key: source key}: tensors a checkpoint holds twice, checked equal on import
+    and written again on export.
     """
 
     config_from_hf: Callable[[dict, str], ModelConfig]
@@ -170,6 +174,8 @@ class ArchSpec:
     tied: Callable[[ModelConfig], dict[str, str]] = lambda cfg: {}
     normalize_key: Callable[[str], str] = lambda key: key
     mxfp4: bool = False  # a tensor may come as MXFP4 `<key>_blocks` + `<key>_scales` (zoo/hf/mxfp4.py)
+    fit_to_tensors: Callable[[ModelConfig, frozenset], ModelConfig] = lambda cfg, keys: cfg
+    copies: Callable[[ModelConfig], dict[str, str]] = lambda cfg: {}
 
 
 # --- helpers the families' config translations share ------------------------------------

@@ -6,12 +6,16 @@ Attention: q_b_proj (or V2-Lite's q_proj) holds per head [q_nope | q_rope] rows,
 and the RoPE rows (V3's interleaved pairs, V2's complex ones: the same order) are reordered
 even-then-odd for the zoo's half-split RoPE ("linear_split_rope_pairs"); export undoes both.
 Experts are stored one by one (`mlp.experts.{e}.*`), V3's router carries the float32
-`e_score_correction_bias`. Multi-token-prediction layers (DeepSeek-V3's layer 61) are not read
-yet: a checkpoint that has them is refused by name. Block-FP8 releases are refused: import a
-bf16 copy.
+`e_score_correction_bias`. Multi-token-prediction depths are layers L + j (DeepSeek-V3's layer 61):
+enorm, hnorm, eh_proj, a MoE decoder layer, shared_head.norm, and copies of the embedding and the
+LM head (shared_head.head), checked equal on import and written again on export. config.json's
+num_nextn_predict_layers says 1 whether or not they were saved (transformers never saves them),
+so the tensors decide num_mtp_layers. Block-FP8 releases are refused: import a bf16 copy.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from zoo.hf.rules import ArchSpec, Rule, get, require, token_ids_from_hf, token_ids_to_hf
 from zoo.models.deepseek.config import DeepSeekConfig
@@ -83,7 +87,10 @@ def config_from_hf(hf: dict, name: str, arch: str) -> DeepSeekConfig:
         norm_topk_prob=bool(get(hf, "norm_topk_prob", dflt["norm_topk_prob"])),
         routed_scaling_factor=float(get(hf, "routed_scaling_factor", dflt["routed_scaling_factor"])),
         router_aux_loss_coef=float(get(hf, "aux_loss_alpha", 0.001)),
-        router_z_loss_coef=float(get(hf, "router_z_loss_coef", 0.0)), **token_ids_from_hf(hf, dflt["tokens"]),
+        router_z_loss_coef=float(get(hf, "router_z_loss_coef", 0.0)),
+        bias_update_rate=float(get(hf, "bias_update_rate", 0.001)),
+        mtp_loss_weight=float(get(hf, "mtp_loss_weight", 0.3)),
+        **token_ids_from_hf(hf, dflt["tokens"]),
     )
 
 
@@ -114,22 +121,25 @@ def config_to_hf(cfg: DeepSeekConfig) -> dict:
         "rope_theta": cfg.rope_theta,
         "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"} if cfg.rope_scaling else None,
         "aux_loss_alpha": cfg.router_aux_loss_coef, "router_z_loss_coef": cfg.router_z_loss_coef,
+        "bias_update_rate": cfg.bias_update_rate, "mtp_loss_weight": cfg.mtp_loss_weight,  # zoo-only keys
         **token_ids_to_hf(cfg),
     }
     if v3:
-        out.update(rope_interleave=True, scoring_func="sigmoid", num_nextn_predict_layers=0, moe_layer_freq=1)
+        out.update(rope_interleave=True, scoring_func="sigmoid", num_nextn_predict_layers=cfg.num_mtp_layers,
+                   moe_layer_freq=1)
     else:
         out.update(scoring_func="softmax", mlp_bias=False)
     return out
 
 
-def _layer_rules(cfg: DeepSeekConfig, zoo: str, stack: tuple, moe: bool) -> list[Rule]:
+def _layer_rules(cfg: DeepSeekConfig, zoo: str, stack: tuple, moe: bool, layer: str = "model.layers.{i}.") -> \
+        list[Rule]:
     d, n, r = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank
     dn, dr, dv, q = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.q_lora_rank
-    a, m = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+    a, m = layer + "self_attn.", layer + "mlp."
     rules = [
-        Rule("model.layers.{i}.input_layernorm.weight", (zoo + "attn_norm/scale",), "copy", (d,), stack),
-        Rule("model.layers.{i}.post_attention_layernorm.weight", (zoo + "mlp_norm/scale",), "copy", (d,), stack),
+        Rule(layer + "input_layernorm.weight", (zoo + "attn_norm/scale",), "copy", (d,), stack),
+        Rule(layer + "post_attention_layernorm.weight", (zoo + "mlp_norm/scale",), "copy", (d,), stack),
         Rule(a + "kv_a_proj_with_mqa.weight", (zoo + "attn/kv_a_proj/kernel", zoo + "attn/k_rope_proj/kernel"),
              "linear_split_rope_pairs", (r + dr, d), stack),
         Rule(a + "kv_a_layernorm.weight", (zoo + "attn/kv_a_norm/scale",), "copy", (r,), stack),
@@ -169,12 +179,38 @@ def weights(cfg: DeepSeekConfig) -> list[Rule]:
     rules += _layer_rules(cfg, "layers/", (("i", cfg.moe_layers, k),), moe=True)
     if not cfg.tie_word_embeddings:
         rules.append(Rule("lm_head.weight", ("lm_head/kernel",), "linear", (v, d)))
+    for j in range(cfg.num_mtp_layers):
+        hf, zoo = f"model.layers.{cfg.num_layers + j}.", f"mtp_{j}/"
+        rules += [Rule(hf + "enorm.weight", (zoo + "enorm/scale",), "copy", (d,)),
+                  Rule(hf + "hnorm.weight", (zoo + "hnorm/scale",), "copy", (d,)),
+                  Rule(hf + "eh_proj.weight", (zoo + "eh_proj/kernel",), "linear", (d, 2 * d)),
+                  Rule(hf + "shared_head.norm.weight", (zoo + "head_norm/scale",), "copy", (d,)),
+                  *_layer_rules(cfg, zoo + "block/", (), moe=True, layer=hf)]
     return rules
+
+
+def _mtp_depths(cfg: DeepSeekConfig, keys: frozenset) -> DeepSeekConfig:
+    """num_mtp_layers = the depths whose eh_proj the checkpoint holds (layers L, L+1, ...)."""
+    depth = 0
+    while f"model.layers.{cfg.num_layers + depth}.eh_proj.weight" in keys:
+        depth += 1
+    return dataclasses.replace(cfg, num_mtp_layers=depth) if depth != cfg.num_mtp_layers else cfg
+
+
+def _mtp_copies(cfg: DeepSeekConfig) -> dict[str, str]:
+    """Each MTP depth stores the embedding and the LM head again."""
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    out = {}
+    for j in range(cfg.num_mtp_layers):
+        layer = f"model.layers.{cfg.num_layers + j}."
+        out[layer + "embed_tokens.weight"] = "model.embed_tokens.weight"
+        out[layer + "shared_head.head.weight"] = head
+    return out
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     arch: ArchSpec(config_from_hf=lambda hf, name, arch=arch: config_from_hf(hf, name, arch),
-                   config_to_hf=config_to_hf, weights=weights,
+                   config_to_hf=config_to_hf, weights=weights, fit_to_tensors=_mtp_depths, copies=_mtp_copies,
                    ignore=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$",),
                    tied=lambda cfg: {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings
                    else {})
