@@ -68,6 +68,9 @@ TABLE = (
     ("gpt-oss-120b", "v5p:4x4x2", "fsdp=-1", 32, 4096, "full"),
     ("llama4-scout-17b-16e", "v5p:4x4x2", "fsdp=-1", 32, 4096, "full"),
     ("llama4-maverick-17b-128e", "v5p:4x4x8", "fsdp=-1", 128, 4096, "full"),
+    # 256 experts, 8 per token: at one row per chip (fsdp=-1, batch 256) the compiler needs 290 GiB/chip even
+    # with bfloat16 master weights; 32 rows with tensor=8 sharding the weights fit (bfloat16 master: README)
+    ("deepseek-v3-671b", "v5p:4x8x8", "fsdp=32,tensor=8", 32, 4096, "full"),
     # encoders at their 512 positions, masked-LM objective
     ("roberta-large", "v5e:2x2", "fsdp=-1", 32, 512, "full"),
     ("xlm-roberta-large", "v5e:2x2", "fsdp=-1", 32, 512, "full"),
