@@ -58,5 +58,12 @@ def param_count(cfg: ModelConfig) -> int:
     return sum(math.prod(x.shape) for x in leaves)
 
 
-__all__ = ["list_models", "config", "build", "abstract_params", "param_count", "from_hf", "to_hf", "generate",
+def active_param_count(cfg: ModelConfig) -> int:
+    """Parameters one token's forward uses: `param_count` less what a config says a token skips
+    (`inactive_param_count`: a mixture's unchosen routed experts and the input embedding table,
+    a lookup; DeepSeek's "37B activated" convention). Configs without it: param_count."""
+    return param_count(cfg) - getattr(cfg, "inactive_param_count", 0)
+
+
+__all__ = ["list_models", "config", "build", "abstract_params", "param_count", "active_param_count", "from_hf", "to_hf", "generate",
            "ModelConfig", "GPT2Config", "LlamaConfig", "PRESETS"]

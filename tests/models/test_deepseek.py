@@ -124,6 +124,25 @@ def test_full_size_parameter_counts(name, expected):
     assert _count_by_hand(cfg) == expected == zoo.param_count(cfg)
 
 
+@pytest.mark.parametrize("name, active, published", [
+    ("deepseek-v3-671b", 36_625_618_432, 37), ("kimi-k2-1t", 31_687_095_808, 32),
+    ("deepseek-v2-lite-16b", 2_451_435_008, None)])  # its card says 2.4B: truncated, not rounded
+def test_active_parameter_counts(name, active, published):
+    """Activated parameters (the k routed experts of E, without the input-embedding lookup, MTP
+    depths never counted) round to the model cards' figures; the count is what a token's forward
+    multiplies: flops_per_token is 6 x (active less norms and the correction biases) + attention."""
+    cfg = zoo.config(name)
+    assert zoo.active_param_count(cfg) == active
+    assert published is None or round(active / 1e9) == published
+    mtp = dataclasses.replace(cfg, num_mtp_layers=1)
+    assert zoo.active_param_count(mtp) == active and zoo.param_count(mtp) > zoo.param_count(cfg)
+    d, r, q = cfg.hidden_size, cfg.kv_lora_rank, cfg.q_lora_rank or 0
+    norms = cfg.num_layers * (2 * d + r + q) + d
+    bias = cfg.moe_layers * cfg.num_experts if cfg.topk_method == "noaux_tc" else 0
+    attention = 6 * cfg.num_layers * cfg.num_heads * (cfg.head_dim + cfg.v_head_dim) * cfg.attended_keys(4096)
+    assert cfg.flops_per_token(4096) == 6 * (active - norms - bias) + attention
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2"])
 def test_softmax_scale_and_rope_factor_equal_transformers(name):
@@ -364,3 +383,43 @@ def test_mtp_loss_equals_transformers_mtp_model(tmp_path):
     expected = -np.mean(np.take_along_axis(logp[:, :-1], ids[:, 2:, None], -1))
     _, aux = objectives.apply_with_aux_losses(model, params, jnp.asarray(ids))
     np.testing.assert_allclose(float(aux["mtp_loss"]), expected, rtol=1e-5)
+
+
+def test_sharded_step_with_mtp_and_bias_update_matches_one_device():
+    """One train step with an MTP depth and the correction-bias update, over two micro-batches, on
+    data=2,fsdp=2,expert=2 of 8 devices equals the 1-device step (loss, MTP loss, load metric and
+    every parameter, the correction biases exactly); the contract suite covers fsdp,expert,tensor."""
+    from step_utils import assert_same_step, packed_batch, single_and_sharded_step
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 fake CPU devices (tests/conftest.py)")
+    cfg, _, _, _ = _mtp_setup()
+    cfg = dataclasses.replace(cfg, bias_update_rate=0.01)
+    single, sharded, _ = single_and_sharded_step(cfg, packed_batch(cfg.vocab_size, b=16), "data=2,fsdp=2,expert=2",
+                                                 grad_accum=2)
+    assert single[1]["mtp_loss"] > 1.0 and single[1]["router_max_load"] > 1.0
+    assert_same_step(single, sharded, keys=("loss", "grad_norm", "mtp_loss", "router_max_load"))
+    for name in ("layers", "mtp_0"):
+        mlp = lambda p: p[name]["mlp"] if name == "layers" else p[name]["block"]["mlp"]
+        np.testing.assert_array_equal(mlp(sharded[0])["correction_bias"], mlp(single[0])["correction_bias"])
+        assert np.any(mlp(single[0])["correction_bias"] != 0)
+
+
+def test_bfloat16_import_keeps_the_correction_bias_in_float32(tmp_path):
+    """The correction bias moves by 1e-3 a step, below bfloat16's resolution near 1: a bfloat16
+    import keeps it float32 (exact), every other leaf bfloat16."""
+    from zoo.hf.convert import from_hf, to_hf
+
+    cfg = zoo.config("tiny-deepseek")
+    model = zoo.build(cfg)
+    params = jax.device_get(nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]))
+    bias = (1.0 + 0.001 * np.arange(cfg.moe_layers * cfg.num_experts)).astype(np.float32)
+    params["layers"]["mlp"]["correction_bias"] = bias.reshape(cfg.moe_layers, cfg.num_experts)
+    to_hf(model, params, tmp_path / "a")
+    _, loaded = from_hf(tmp_path / "a", dtype=jnp.bfloat16)
+    got = loaded["layers"]["mlp"]["correction_bias"]
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got).reshape(-1), bias)
+    others = [x.dtype for path, x in jax.tree_util.tree_flatten_with_path(loaded)[0]
+              if path[-1].key != "correction_bias"]
+    assert set(others) == {jnp.dtype(jnp.bfloat16)}

@@ -77,12 +77,14 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 # --- import ------------------------------------------------------------------------------
 
-def _abstract_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Zoo param path -> shape, from `jax.eval_shape` of the model's init (nothing allocated)."""
+def _abstract_params(model: nn.Module) -> dict[str, jax.ShapeDtypeStruct]:
+    """Zoo param path -> shape and dtype, from `jax.eval_shape` of the model's init (nothing
+    allocated). A leaf the model keeps in float32 whatever its param_dtype (DeepSeek-V3's router
+    correction bias, whose updates are below bfloat16's resolution) has float32 here."""
     ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     tree = nn.unbox(jax.eval_shape(lambda i: model.init(jax.random.key(0), i), ids)["params"])
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(p.key for p in path): tuple(x.shape) for path, x in flat}
+    return {"/".join(p.key for p in path): x for path, x in flat}
 
 
 def _nest(flat: dict[str, Any]) -> dict:
@@ -99,7 +101,8 @@ def _nest(flat: dict[str, Any]) -> dict:
 def from_hf(path, dtype=jnp.float32):
     """Loads an HF checkpoint dir (config.json + model.safetensors or a sharded index).
 
-    Returns (model, params) with plain (unboxed) arrays of `dtype`. Raises
+    Returns (model, params) with plain (unboxed) arrays of `dtype` (leaves the model keeps in
+    float32 whatever its param dtype stay float32). Raises
     FileNotFoundError without config.json and CheckpointError (naming file and tensor)
     for an unsupported architecture, missing, unexpected or mis-shaped tensors, or an
     unreadable safetensors file.
@@ -121,7 +124,8 @@ def from_hf(path, dtype=jnp.float32):
     by_key = {spec.normalize_key(raw_key): (file, raw_key) for raw_key, file in owner.items()}
     cfg = spec.fit_to_tensors(cfg, frozenset(by_key))
     model = registry.of(cfg).build(cfg)
-    zoo_shapes = _abstract_shapes(model)
+    abstract = _abstract_params(model)
+    zoo_shapes = {p: tuple(x.shape) for p, x in abstract.items()}
     np_dtype = np.dtype(jnp.dtype(dtype))
 
     rules = spec.weights(cfg)
@@ -129,7 +133,8 @@ def from_hf(path, dtype=jnp.float32):
     tied = {**{k: (v, "tied embeddings") for k, v in spec.tied(cfg).items()},
             **{k: (v, "the checkpoint holds it twice") for k, v in spec.copies(cfg).items()}}
     ignore = [re.compile(p) for p in spec.ignore]
-    buffers = {p: np.empty(zoo_shapes[p], np_dtype) for rule in rules for p in rule.zoo}
+    buffers = {p: np.empty(zoo_shapes[p], np.dtype(abstract[p].dtype) if abstract[p].dtype == jnp.float32 else np_dtype)
+               for rule in rules for p in rule.zoo}
     loaded: set[str] = set()
     aliases: list[tuple[SafetensorsFile, str, tuple[str, str]]] = []
 

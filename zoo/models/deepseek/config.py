@@ -131,6 +131,25 @@ class DeepSeekConfig(ModelConfig):
         return yarn_mscale(factor)
 
     @property
+    def inactive_param_count(self) -> int:
+        """What one token's forward skips (zoo.active_param_count): the E - k unchosen routed experts of
+        each MoE layer, the MTP depths (training only) and the input embedding table (a lookup, as
+        DeepSeek counts "37B activated": V3 36.63B, Kimi K2 31.69B, V2-Lite 2.45B)."""
+        d = self.hidden_size
+        expert = 3 * d * self.moe_intermediate_size
+        mtp = 0
+        if self.num_mtp_layers:  # enorm, hnorm, eh_proj, head_norm and one MoE layer (its attention, norms, MoE)
+            q, n, r = self.q_lora_rank, self.num_heads, self.kv_lora_rank
+            dn, dr, dv = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+            attn = (d * q + q + q * n * (dn + dr) if q else d * n * (dn + dr)) + d * (r + dr) + r + \
+                r * n * (dn + dv) + n * dv * d
+            bias = self.num_experts if self.topk_method == "noaux_tc" else 0
+            moe = self.num_experts * expert + d * self.num_experts + bias + expert * self.n_shared_experts
+            mtp = self.num_mtp_layers * (3 * d + 2 * d * d + attn + 2 * d + moe)
+        lookup = 0 if self.tie_word_embeddings else self.vocab_size * d  # tied: the table is the LM head too
+        return (self.num_experts - self.num_experts_per_tok) * expert * self.moe_layers + lookup + mtp
+
+    @property
     def balances_routers(self) -> bool:
         """Whether the train step updates the correction bias (zoo/models/deepseek/model.py `balance_routers`)."""
         return self.topk_method == "noaux_tc" and self.bias_update_rate > 0
