@@ -65,5 +65,5 @@ def active_param_count(cfg: ModelConfig) -> int:
     return param_count(cfg) - getattr(cfg, "inactive_param_count", 0)
 
 
-__all__ = ["list_models", "config", "build", "abstract_params", "param_count", "active_param_count", "from_hf", "to_hf", "generate",
-           "ModelConfig", "GPT2Config", "LlamaConfig", "PRESETS"]
+__all__ = ["list_models", "config", "build", "abstract_params", "param_count", "active_param_count", "from_hf",
+           "to_hf", "generate", "ModelConfig", "GPT2Config", "LlamaConfig", "PRESETS"]

@@ -282,3 +282,31 @@ def test_finetune_bad_labels_name_file_and_line(classify_files, tmp_path, capsys
     _refused(capsys, _finetune_argv(d, tok, tmp_path / "b", "--eval-data", str(neg)),
              f"{neg}:3: label -1 is not a class id")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------- --override
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("nope=1", "--override nope: the llama config 'tiny-llama' has no field 'nope'"),
+    ("num_layers", "--override 'num_layers': expected FIELD=VALUE"),
+    ("num_layers=two", "--override num_layers=two: expected a value of type int"),
+    ("tie_word_embeddings=maybe", "--override tie_word_embeddings=maybe: expected a value of type bool"),
+    ("num_layers=0", "num_layers"),  # the config's own check
+])
+def test_bad_overrides_are_one_line_and_write_nothing(tmp_path, capsys, no_compile, override, needle):
+    out = tmp_path / "run"
+    _refused(capsys, [*SYNTH, "--out", str(out), "--override", override], needle)
+    assert not out.exists()
+
+
+def test_overrides_take_each_field_type():
+    from zoo.training.pretrain import load_model_config
+
+    config = TrainConfig.from_args(["--model", "tiny-deepseek", "--override", "num_mtp_layers=2", "bias_update_rate=0",
+                                "norm_topk_prob=false", "kv_cache=full", "rope_scaling=null", "--remat", "full"])
+    cfg = load_model_config(config.model, config.model_overrides())
+    assert (cfg.num_mtp_layers, cfg.bias_update_rate, cfg.norm_topk_prob, cfg.kv_cache, cfg.rope_scaling,
+            cfg.remat) == (2, 0.0, False, "full", None, "full")
+    assert isinstance(cfg.bias_update_rate, float) and not cfg.balances_routers
+    assert zoo.param_count(cfg) > zoo.param_count(zoo.config("tiny-deepseek"))

@@ -78,6 +78,9 @@ class TrainConfig:
     vocab_size: str | None = flag("model", None, "override the model's vocab_size: a number, or 'tokenizer' (the "
                                   "tokenizer's size rounded up to a multiple of 128). Default: the model's; a larger "
                                   "tokenizer is an error")
+    override: list = flag("model", [], "model config fields, FIELD=VALUE each (e.g. num_mtp_layers=1 "
+                          "bias_update_rate=0.01 for DeepSeek); values take the field's type, JSON for lists",
+                          nargs="+")
     # data
     data: list = flag("data", [zoo_data.STDLIB], "text / JSONL ('text' field) / ArrayRecord files or directories; "
                       "'stdlib' is the Python standard library's sources; 'synthetic' is random tokens", nargs="+")
@@ -235,9 +238,17 @@ class TrainConfig:
     # ------------------------------------------------------------------ views
 
     def model_overrides(self) -> dict:
-        """--dtype / --param-dtype / --remat / --attention-impl as ModelConfig field overrides."""
-        return {k: v for k, v in (("dtype", self.dtype), ("param_dtype", self.param_dtype), ("remat", self.remat),
-                                  ("attention_impl", self.attention_impl)) if v is not None}
+        """--override FIELD=VALUE (values still text: `pretrain.with_overrides` types them) and --dtype /
+        --param-dtype / --remat / --attention-impl, as ModelConfig field overrides."""
+        out = {}
+        for item in self.override:
+            key, eq, value = str(item).partition("=")
+            if not eq or not key.strip():
+                raise UsageError(f"--override {item!r}: expected FIELD=VALUE")
+            out[key.strip()] = value
+        out.update({k: v for k, v in (("dtype", self.dtype), ("param_dtype", self.param_dtype),
+                                      ("remat", self.remat), ("attention_impl", self.attention_impl)) if v is not None})
+        return out
 
     def optim(self, total_steps: int | None = None) -> OptimConfig:
         """The optimizer flags; the schedule spans --decay-steps, else `total_steps` (default --steps)."""

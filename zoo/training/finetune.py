@@ -35,7 +35,7 @@ from zoo.training.config import TrainConfig, UsageError
 from zoo.training.loop import Hooks, report_stop, run_loop
 from zoo.training.metrics import MetricsLog, peak_flops_per_device, plot_curves, plot_loss
 from zoo.training.optimizer import make_optimizer
-from zoo.training.pretrain import load_model_config, make_run_mesh
+from zoo.training.pretrain import load_model_config, make_run_mesh, with_overrides
 from zoo.training.step import init_state, make_eval_step, make_trainer, mesh_context
 
 FIELDS = {"classify": ("text", "label"), "seq2seq": ("input", "target")}
@@ -83,8 +83,7 @@ def prepare(config: TrainConfig) -> dict:
         if not os.path.isfile(config.tokenizer):
             raise UsageError(f"--tokenizer file does not exist: {config.tokenizer}")
         tok = data.Tokenizer(config.tokenizer)
-    overrides = config.model_overrides()
-    cfg = cfg.replace(**overrides) if overrides else cfg
+    cfg = with_overrides(cfg, config.model_overrides())
     arch = getattr(cfg, "architecture", cfg.hf_architecture)
 
     limit = min(config.seq_len, cfg.max_seq_len)

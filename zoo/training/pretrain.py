@@ -3,6 +3,7 @@ the Python standard library's sources, with an optional held-out --eval-data."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,9 +41,44 @@ def load_model_config(name: str, overrides: dict):
             cfg = zoo.config(name)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    return with_overrides(cfg, overrides)
+
+
+def _typed(current, text: str, key: str):
+    """--override's text as the type of the field's current value (JSON for anything else)."""
+    what = type(current).__name__
     try:
-        return cfg.replace(**overrides) if overrides else cfg
-    except ValueError as e:
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if isinstance(current, (int, float)):
+            return type(current)(int(text) if isinstance(current, int) else float(text))
+        if isinstance(current, str):
+            return text
+    except ValueError:
+        raise UsageError(f"--override {key}={text}: expected a value of type {what}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return tuple(value) if isinstance(value, list) else value
+
+
+def with_overrides(cfg, overrides: dict):
+    """`cfg` with ModelConfig field overrides (a config's own checks apply: UsageError when they fail);
+    text values (from --override) take the field's type."""
+    if not overrides:
+        return cfg
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UsageError(f"--override {unknown[0]}: the {cfg.family} config {cfg.name!r} has no field {unknown[0]!r}")
+    typed = {k: _typed(getattr(cfg, k), v, k) if isinstance(v, str) and not isinstance(getattr(cfg, k), str) else v
+             for k, v in overrides.items()}
+    try:
+        return cfg.replace(**typed)
+    except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
 
 

@@ -25,9 +25,9 @@ from zoo.training.config import TrainConfig, UsageError
 # Flags that change what a resumed run computes (schedule, data order, batch shapes, loss):
 # a resume with other values is refused unless --allow-flag-changes says it is meant.
 # (--steps may change when --decay-steps fixes the schedule.)
-RESUME_FLAGS = ("task", "model", "init", "data", "tokenizer", "vocab_size", "objective", "steps", "decay_steps", "lr",
-                "warmup_steps", "min_lr_ratio", "weight_decay", "b1", "b2", "eps", "clip_norm", "seq_len",
-                "batch_size", "seed", "z_loss", "split_bytes", "data_max_bytes", "shuffle_window", "epochs",
+RESUME_FLAGS = ("task", "model", "override", "init", "data", "tokenizer", "vocab_size", "objective", "steps",
+                "decay_steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "b1", "b2", "eps", "clip_norm",
+                "seq_len", "batch_size", "seed", "z_loss", "split_bytes", "data_max_bytes", "shuffle_window", "epochs",
                 "num_labels", "grad_accum")
 ARGS_FILE = "args.json"
 
