@@ -8,6 +8,7 @@ conversion tables in `zoo/models/<family>/hf.py` stay short. Every config checks
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -108,3 +109,53 @@ class ModelConfig:
 # Sizes of the tiny presets every family has (tests and CPU runs).
 TINY = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_seq_len=256,
             dtype="float32")
+
+
+def parse_overrides(items) -> dict[str, str]:
+    """--override's FIELD=VALUE items as {field: text}; ValueError for an item without '='."""
+    out = {}
+    for item in items or ():
+        key, eq, value = str(item).partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--override {item!r}: expected FIELD=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+def _typed(current, text: str, key: str):
+    """--override's text as the type of the field's current value (JSON for anything else)."""
+    what = type(current).__name__
+    try:
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if isinstance(current, (int, float)):
+            return type(current)(int(text) if isinstance(current, int) else float(text))
+        if isinstance(current, str):
+            return text
+    except ValueError:
+        raise ValueError(f"--override {key}={text}: expected a value of type {what}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return tuple(value) if isinstance(value, list) else value
+
+
+def with_overrides(cfg: ModelConfig, overrides: dict) -> ModelConfig:
+    """`cfg` with field overrides (train.py's --override, --dtype, --remat...). Text values take the
+    type of the field's current value (`_typed`). ValueError, one line, for an unknown field, a bad
+    value or a failed config check."""
+    if not overrides:
+        return cfg
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"--override {unknown[0]}: the {cfg.family} config {cfg.name!r} has no field {unknown[0]!r}")
+    typed = {k: _typed(getattr(cfg, k), v, k) if isinstance(v, str) and not isinstance(getattr(cfg, k), str) else v
+             for k, v in overrides.items()}
+    try:
+        return cfg.replace(**typed)
+    except TypeError as e:
+        raise ValueError(str(e)) from None

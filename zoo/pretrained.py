@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 import zoo
 from zoo import registry
 from zoo.checkpoint import quiet_absl
+from zoo.configs import parse_overrides, with_overrides
 from zoo.data.tokenizer import Tokenizer
 from zoo.hf.convert import config_from_hf
 from zoo.paths import resolve
@@ -106,7 +107,11 @@ def _config_from_train_args(run: Path, args: dict, tokenizer):
             cfg = config_from_hf(json.load(f))
     else:
         cfg = zoo.config(name)
-    overrides = {k: args[k] for k in ("dtype", "param_dtype", "remat") if args.get(k)}
+    try:  # the run's --override items, then the dtype/remat flags, as train.py applied them
+        overrides = parse_overrides(args.get("override"))
+    except ValueError as e:
+        raise EvalError(f"{run}/args.json: {e}") from None
+    overrides.update({k: args[k] for k in ("dtype", "param_dtype", "remat") if args.get(k)})
     vocab = args.get("vocab_size")
     if vocab == "tokenizer":
         if tokenizer is None:
@@ -114,7 +119,10 @@ def _config_from_train_args(run: Path, args: dict, tokenizer):
         overrides["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
     elif vocab:
         overrides["vocab_size"] = int(vocab)
-    return cfg.replace(**overrides) if overrides else cfg
+    try:
+        return with_overrides(cfg, overrides)
+    except ValueError as e:
+        raise EvalError(f"{run}/args.json: {e}") from None
 
 
 def latest_checkpoint(run) -> Path:

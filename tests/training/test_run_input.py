@@ -310,3 +310,21 @@ def test_overrides_take_each_field_type():
             cfg.remat) == (2, 0.0, False, "full", None, "full")
     assert isinstance(cfg.bias_update_rate, float) and not cfg.balances_routers
     assert zoo.param_count(cfg) > zoo.param_count(zoo.config("tiny-deepseek"))
+
+
+def test_a_run_with_overrides_loads_back_with_them(tmp_path):
+    """The run dir's args.json keeps --override, so zoo.pretrained (eval, generate, convert) rebuilds
+    the model the run trained: here with its MTP depth."""
+    from zoo.pretrained import load_pretrained
+
+    out = tmp_path / "run"
+    argv = ["--model", "tiny-deepseek", "--data", "synthetic", "--seq-len", "32", "--batch-size", "8",
+            "--sample-tokens", "0", "--no-progress", "--steps", "2", "--out", str(out),
+            "--override", "num_mtp_layers=1", "mtp_loss_weight=0.5"]
+    summary = train.main(argv)
+    assert summary["last_step"] == 2, summary
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["mtp_loss"] > 1.0
+    loaded = load_pretrained(out)
+    assert (loaded.model.cfg.num_mtp_layers, loaded.model.cfg.mtp_loss_weight) == (1, 0.5)
+    assert "mtp_0" in loaded.params

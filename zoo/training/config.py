@@ -18,7 +18,7 @@ from kernels import IMPLEMENTATIONS
 from zoo import data as zoo_data
 from zoo import registry
 from zoo.argtypes import host_port, non_negative_float, non_negative_int, positive_int
-from zoo.configs import DTYPES, REMAT_POLICIES
+from zoo.configs import DTYPES, REMAT_POLICIES, parse_overrides
 from zoo.objectives import OBJECTIVES
 from zoo.paths import resolve
 from zoo.training.optimizer import OptimConfig
@@ -240,12 +240,10 @@ class TrainConfig:
     def model_overrides(self) -> dict:
         """--override FIELD=VALUE (values still text: `pretrain.with_overrides` types them) and --dtype /
         --param-dtype / --remat / --attention-impl, as ModelConfig field overrides."""
-        out = {}
-        for item in self.override:
-            key, eq, value = str(item).partition("=")
-            if not eq or not key.strip():
-                raise UsageError(f"--override {item!r}: expected FIELD=VALUE")
-            out[key.strip()] = value
+        try:
+            out = parse_overrides(self.override)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         out.update({k: v for k, v in (("dtype", self.dtype), ("param_dtype", self.param_dtype),
                                       ("remat", self.remat), ("attention_impl", self.attention_impl)) if v is not None})
         return out

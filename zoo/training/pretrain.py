@@ -3,7 +3,6 @@ the Python standard library's sources, with an optional held-out --eval-data."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -13,7 +12,7 @@ import jax
 import numpy as np
 
 import zoo
-from zoo import data, objectives, registry
+from zoo import configs, data, objectives, registry
 from zoo.checkpoint import Checkpointer
 from zoo.hf.convert import config_from_hf
 from zoo.sharding import check_divisible, make_mesh
@@ -44,41 +43,11 @@ def load_model_config(name: str, overrides: dict):
     return with_overrides(cfg, overrides)
 
 
-def _typed(current, text: str, key: str):
-    """--override's text as the type of the field's current value (JSON for anything else)."""
-    what = type(current).__name__
-    try:
-        if isinstance(current, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        if isinstance(current, (int, float)):
-            return type(current)(int(text) if isinstance(current, int) else float(text))
-        if isinstance(current, str):
-            return text
-    except ValueError:
-        raise UsageError(f"--override {key}={text}: expected a value of type {what}") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return text
-    return tuple(value) if isinstance(value, list) else value
-
-
 def with_overrides(cfg, overrides: dict):
-    """`cfg` with ModelConfig field overrides (a config's own checks apply: UsageError when they fail);
-    text values (from --override) take the field's type."""
-    if not overrides:
-        return cfg
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise UsageError(f"--override {unknown[0]}: the {cfg.family} config {cfg.name!r} has no field {unknown[0]!r}")
-    typed = {k: _typed(getattr(cfg, k), v, k) if isinstance(v, str) and not isinstance(getattr(cfg, k), str) else v
-             for k, v in overrides.items()}
+    """`zoo.configs.with_overrides`, its errors as UsageError (one line, status 2)."""
     try:
-        return cfg.replace(**typed)
-    except (ValueError, TypeError) as e:
+        return configs.with_overrides(cfg, overrides)
+    except ValueError as e:
         raise UsageError(str(e)) from None
 
 
