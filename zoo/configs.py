@@ -122,9 +122,19 @@ def parse_overrides(items) -> dict[str, str]:
     return out
 
 
+def _tuples(value):
+    """JSON lists as tuples, nested too (configs are hashable)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _typed(current, text: str, key: str):
-    """--override's text as the type of the field's current value (JSON for anything else)."""
+    """--override's text as the type of the field's current value; "null" is None for any field;
+    JSON (lists as tuples) for fields that hold None or a tuple."""
+    if text == "null":
+        return None
     what = type(current).__name__
+    if current is None and text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
         if isinstance(current, bool):
             if text.lower() not in ("true", "false", "1", "0"):
@@ -137,24 +147,36 @@ def _typed(current, text: str, key: str):
     except ValueError:
         raise ValueError(f"--override {key}={text}: expected a value of type {what}") from None
     try:
-        value = json.loads(text)
+        return _tuples(json.loads(text))
     except json.JSONDecodeError:
         return text
-    return tuple(value) if isinstance(value, list) else value
+
+
+# Fields __post_init__ fills from others when 0 (num_kv_heads from num_heads, head_dim from the sizes)
+DERIVED_FIELDS = ("num_kv_heads", "head_dim")
 
 
 def with_overrides(cfg: ModelConfig, overrides: dict) -> ModelConfig:
     """`cfg` with field overrides (train.py's --override, --dtype, --remat...). Text values take the
-    type of the field's current value (`_typed`). ValueError, one line, for an unknown field, a bad
-    value or a failed config check."""
+    type of the field's current value (`_typed`). A derived field (DERIVED_FIELDS) that `cfg` had
+    derived is derived again from the new values unless it is overridden itself. ValueError, one
+    line, for an unknown field, a bad value or a failed config check."""
     if not overrides:
         return cfg
     fields = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"--override {unknown[0]}: the {cfg.family} config {cfg.name!r} has no field {unknown[0]!r}")
-    typed = {k: _typed(getattr(cfg, k), v, k) if isinstance(v, str) and not isinstance(getattr(cfg, k), str) else v
-             for k, v in overrides.items()}
+    typed = {k: _typed(getattr(cfg, k), v, k) if isinstance(v, str) else v for k, v in overrides.items()}
+    for name in DERIVED_FIELDS:
+        if name in typed or not hasattr(cfg, name):
+            continue
+        try:
+            derived = getattr(cfg.replace(**{name: 0}), name)
+        except ValueError:
+            continue
+        if derived == getattr(cfg, name):  # cfg derived it: derive it again after the overrides
+            typed[name] = 0
     try:
         return cfg.replace(**typed)
     except TypeError as e:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import linen as nn
 
 import zoo
 from zoo import registry
@@ -216,5 +217,9 @@ def load_pretrained(path, *, dtype: str | None = "float32", tokenizer: str | Non
     if dtype:
         cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
     params = restore_params(latest_checkpoint(root))
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(cfg.param_dtype)), params)
+    # param_dtype, except leaves the model keeps in float32 whatever it (DeepSeek's router correction bias)
+    kept = {path for path, x in jax.tree_util.tree_flatten_with_path(nn.unbox(zoo.abstract_params(cfg)))[0]
+            if x.dtype == jnp.float32}
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray(x, jnp.float32 if path in kept else jnp.dtype(cfg.param_dtype)), params)
     return Pretrained(zoo.build(cfg), params, tok, str(root), "run")

@@ -9,6 +9,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -300,6 +301,19 @@ def test_bad_overrides_are_one_line_and_write_nothing(tmp_path, capsys, no_compi
     assert not out.exists()
 
 
+def test_overrides_rederive_what_the_config_derived():
+    """An override of the sizes derives head_dim / num_kv_heads again where the config had derived
+    them (and keeps them where they were set); "null" is None for any field."""
+    from zoo.configs import with_overrides
+
+    cfg = with_overrides(zoo.config("tiny-llama"), {"hidden_size": "128"})
+    assert (cfg.head_dim, cfg.num_kv_heads) == (32, zoo.config("tiny-llama").num_kv_heads)
+    cfg = with_overrides(zoo.config("tiny-deepseek"), {"qk_rope_head_dim": "32", "num_heads": "8",
+                                                        "q_lora_rank": "null"})
+    assert (cfg.head_dim, cfg.num_kv_heads, cfg.q_lora_rank) == (48, 8, None)
+    assert with_overrides(zoo.config("gemma2-2b"), {"intermediate_size": "1024"}).head_dim == 256  # set, kept
+
+
 def test_overrides_take_each_field_type():
     from zoo.training.pretrain import load_model_config
 
@@ -328,3 +342,8 @@ def test_a_run_with_overrides_loads_back_with_them(tmp_path):
     loaded = load_pretrained(out)
     assert (loaded.model.cfg.num_mtp_layers, loaded.model.cfg.mtp_loss_weight) == (1, 0.5)
     assert "mtp_0" in loaded.params
+    (out / "zoo_config.json").unlink()  # a run dir with args.json only: the config is rebuilt from the flags
+    rebuilt = load_pretrained(out, dtype="bfloat16")
+    assert rebuilt.model.cfg == loaded.model.cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+    assert rebuilt.params["layers"]["mlp"]["correction_bias"].dtype == jnp.float32  # kept float32
+    assert rebuilt.params["layers"]["mlp"]["router"]["kernel"].dtype == jnp.bfloat16

@@ -90,11 +90,13 @@ class MLAttention(nn.Module):
         if self.decode and self.kv_cache == "latent":
             latent_BTL = jnp.concatenate([c_BTR, k_rope_BT1r[:, :, 0]], axis=-1)
             written = write_cache(self, {"latent": (latent_BTL, ("batch", "kv_length", None))}, segment_ids_BT)
-            if written is not None and t == 1:
+            if written is None:  # the cache is being created at full length: no attention is needed
+                k_nope_proj(c_BTR[:, :1]), v_proj(c_BTR[:, :1])  # (their params, if this is a decode-mode init)
+                return o_proj(jnp.zeros((b, t, n, dv), self.dtype))
+            if t == 1:
                 out_BTNv = self._absorbed_step(q_nope_BTNd, q_rope_BTNr, written, k_nope_proj, v_proj)
                 return o_proj(constrain(out_BTNv, ("batch", "length", "activation_heads", None)))
-            if written is not None:
-                segment_ids_BT = written[2]  # a prompt chunk (from slot 0) attends within itself
+            segment_ids_BT = written[2]  # a prompt chunk (from slot 0) attends within itself
         elif self.decode and self.kv_cache != "full":
             raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
 

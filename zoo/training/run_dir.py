@@ -83,6 +83,7 @@ def check_resume_flags(config: TrainConfig, start: int, total_steps: int) -> Non
             old = [keep(v) for v in old] if isinstance(old, list) else keep(old)
         return old == new
 
+    saved = {"override": [], **saved}  # runs from before --override had none
     changed = [(n, saved[n], getattr(config, n)) for n in RESUME_FLAGS
                if n in saved and not same(n, saved[n], getattr(config, n))]
     if config.task != "pretrain" or (saved.get("decay_steps") and saved.get("decay_steps") == config.decay_steps):
