@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo import registry
+from zoo.nn.losses import cross_entropy_sums, next_token_targets  # noqa: F401 (zoo.objectives API)
 
 
 @dataclass(frozen=True)
@@ -57,31 +58,6 @@ def check_trains(name: str, cfg) -> None:
     if name not in registry.of(cfg).objectives:
         trains = ", ".join(registry.supporting(objective=name)) or "no"
         raise ValueError(f"objective {name!r} trains {trains} models, not the {cfg.family} model {cfg.name!r}")
-
-
-def next_token_targets(input_ids_BT, segment_ids_BT):
-    """Targets (the next token) and their mask: only within one document, never from padding.
-
-    The last position of each row has no target; neither has the last token of a
-    document followed by another document in the same row.
-    """
-    targets_BT = jnp.concatenate([input_ids_BT[:, 1:], jnp.zeros_like(input_ids_BT[:, :1])], axis=1)
-    same_doc = (segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]) & (segment_ids_BT[:, :-1] > 0)
-    valid_BT = jnp.concatenate([same_doc, jnp.zeros_like(same_doc[:, :1])], axis=1)
-    return targets_BT, valid_BT
-
-
-def cross_entropy_sums(logits_BTV, targets_BT, valid_BT, z_loss: float = 0.0):
-    """Summed cross-entropy (+ z_loss * logsumexp^2, PaLM's auxiliary loss) over valid targets."""
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    weight_BT = valid_BT.astype(jnp.float32)
-    nll = jnp.sum((lse_BT - target_logit_BT) * weight_BT)
-    z = jnp.sum(jnp.square(lse_BT) * weight_BT)
-    correct = jnp.sum((jnp.argmax(logits_BTV, axis=-1) == targets_BT) * weight_BT)
-    total = nll + z_loss * z if z_loss else nll
-    return total, {"weight": jnp.sum(weight_BT), "nll": nll, "z_loss": z, "accuracy": correct}
 
 
 AUX_LOSS_COLLECTION = "aux_loss"

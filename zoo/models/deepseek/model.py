@@ -23,6 +23,7 @@ from zoo.models.moe.model import AUX_LOSS_COLLECTION, ROUTER_LOAD, MoEDecoderBlo
 from zoo.nn.blocks import DecoderBlock
 from zoo.nn.embed import Embed
 from zoo.nn.linear import Dense, default_init, param_with_axes
+from zoo.nn.losses import cross_entropy_sums, next_token_targets, shift_left
 from zoo.nn.masks import default_positions, mask_to_segment_ids
 from zoo.nn.mla import MLAttention
 from zoo.nn.mlp import MLP
@@ -111,27 +112,6 @@ class MTPLayer(nn.Module):
         return RMSNorm(cfg.rms_norm_eps, name="head_norm", **kw)(g_BTD), stats
 
 
-def mtp_targets(input_ids_BT, segment_ids_BT, depth: int):
-    """Depth j's (0-based) targets t_{i+j+2} and where they count: position i and every position up
-    to i+j+2 are in one document (not padding)."""
-    shift = depth + 2
-    t = input_ids_BT.shape[1]
-    if segment_ids_BT is None:
-        segment_ids_BT = jnp.ones(input_ids_BT.shape, jnp.int32)
-    pad = lambda x: jnp.pad(x[:, shift:], ((0, 0), (0, min(shift, t))))[:, :t]
-    valid_BT = segment_ids_BT > 0
-    for m in range(1, shift + 1):
-        ahead = jnp.pad(segment_ids_BT[:, m:], ((0, 0), (0, min(m, t))))[:, :t]
-        valid_BT &= ahead == segment_ids_BT
-    return pad(input_ids_BT), valid_BT
-
-
-def shifted_ids(input_ids_BT, depth: int):
-    """The tokens depth j (0-based) embeds: t_{i+j+1}, id 0 past the end."""
-    t = input_ids_BT.shape[1]
-    return jnp.pad(input_ids_BT[:, depth + 1:], ((0, 0), (0, min(depth + 1, t))))[:, :t]
-
-
 def balance_routers(cfg: DeepSeekConfig, params: dict, load_LE) -> dict:
     """DeepSeek-V3's auxiliary-loss-free balancing, after the optimizer's update: each MoE layer's
     correction bias moves by `bias_update_rate` toward balanced load, b_e += rate * sign(mean_e(load)
@@ -196,20 +176,14 @@ class DeepSeek(nn.Module):
                 cfg.mtp_loss_weight > 0 and self.is_mutable_collection(AUX_LOSS_COLLECTION))):
             h_BTD, losses = x_BTD, []
             for j in range(cfg.num_mtp_layers):
-                emb_BTD = embed(shifted_ids(input_ids, j))
+                emb_BTD = embed(shift_left(input_ids, j + 1))  # depth j embeds t_{i+j+1}, predicts t_{i+j+2}
                 h_BTD, stats = MTPLayer(cfg, **blocks, name=f"mtp_{j}", **kw)(h_BTD, emb_BTD, positions_BT + j + 1,
                                                                             segment_ids_BT)
                 counts.append(stats["expert_counts"][None])
-                targets_BT, valid_BT = mtp_targets(input_ids, segment_ids_BT, j)
-                losses.append(_masked_cross_entropy(head(h_BTD).astype(jnp.float32), targets_BT, valid_BT))
+                seg_BT = jnp.ones_like(input_ids) if segment_ids_BT is None else segment_ids_BT
+                _, sums = cross_entropy_sums(head(h_BTD), *next_token_targets(input_ids, seg_BT, ahead=j + 2))
+                losses.append(sums["nll"] / jnp.maximum(sums["weight"], 1.0))
             self.sow(AUX_LOSS_COLLECTION, "mtp_loss", sum(losses) / cfg.num_mtp_layers)
         self.sow(ROUTER_LOAD, "counts", jnp.concatenate(counts))  # for balance_routers; a no-op unless mutable
         return constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "activation_vocab"))
 
-
-def _masked_cross_entropy(logits_BTV, targets_BT, valid_BT):
-    """Mean next-token cross-entropy over the valid positions (0 when none)."""
-    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-    nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    valid_BT = valid_BT.astype(jnp.float32)
-    return jnp.sum(nll_BT * valid_BT) / jnp.maximum(jnp.sum(valid_BT), 1.0)
