@@ -37,6 +37,9 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     remat: str = "none"  # activation checkpointing policy per layer
     attention_impl: str | None = None  # kernels.attention implementation; None picks per backend
+    # The training loss's cross-entropy runs over blocks of this many vocabulary columns and never
+    # holds the [B, T, V] logits (zoo/nn/chunked_ce.py); 0: on the whole logits.
+    loss_vocab_block: int = 4096
     # Special token ids as HF's config.json has them (None: the checkpoint has none). They travel
     # HF -> zoo -> HF; a zoo run's export takes them from its tokenizer (zoo/hf/convert.py `to_hf`).
     # eos may be several ids (Llama 3 instruct); they are kept as a tuple (configs are hashed).
@@ -70,6 +73,9 @@ class ModelConfig:
             )
         if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
             raise ValueError(f"{self.name}: dtype and param_dtype must be one of {DTYPES}")
+        if self.loss_vocab_block < 0:
+            raise ValueError(f"{self.name}: loss_vocab_block must be >= 0 (0: the whole logits), "
+                             f"got {self.loss_vocab_block}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"{self.name}: remat={self.remat!r} is not one of {REMAT_POLICIES}")
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo import registry
-from zoo.nn.losses import cross_entropy_sums, next_token_targets  # noqa: F401 (zoo.objectives API)
+from zoo.nn.losses import cross_entropy_sums, next_token_targets, vocab_cross_entropy_sums  # noqa: F401 (API)
 
 
 @dataclass(frozen=True)
@@ -108,15 +108,24 @@ def add_aux_losses(model, total, sums, aux_losses):
     return total, sums
 
 
+def vocab_loss_sums(model, params, targets_BT, valid_BT, z_loss, *args, **kwargs):
+    """The model applied to (*args, **kwargs), then the summed cross-entropy of its vocabulary
+    logits on the targets, plus the auxiliary losses it sows. With cfg.loss_vocab_block > 0 the
+    model returns its hidden states and head instead of the logits and the cross-entropy runs over
+    vocabulary blocks (zoo/nn/chunked_ce.py): the [B, T, V] logits never exist."""
+    block = model.cfg.loss_vocab_block
+    (h_BTD, head), aux_losses = apply_with_aux_losses(model, params, *args, return_head=True, **kwargs)
+    total, sums = vocab_cross_entropy_sums(h_BTD, head, targets_BT, valid_BT, z_loss, vocab_block=block)
+    return add_aux_losses(model, total, sums, aux_losses)
+
+
 def causal_lm_loss(model, params, batch, rng, *, z_loss: float = 0.0):
     """Next-token prediction on packed rows (attention and targets stay inside each document),
     plus any auxiliary losses the model sows (MoE load balancing and router z-loss)."""
     del rng  # deterministic forward; dropout-style objectives use it
-    logits_BTV, aux_losses = apply_with_aux_losses(model, params, batch["input_ids"], positions=batch["positions"],
-                                                   segment_ids=batch["segment_ids"])
     targets_BT, valid_BT = next_token_targets(batch["input_ids"], batch["segment_ids"])
-    total, sums = cross_entropy_sums(logits_BTV, targets_BT, valid_BT, z_loss)
-    return add_aux_losses(model, total, sums, aux_losses)
+    return vocab_loss_sums(model, params, targets_BT, valid_BT, z_loss, batch["input_ids"],
+                           positions=batch["positions"], segment_ids=batch["segment_ids"])
 
 
 register(Objective("clm", ("input_ids", "segment_ids", "positions"), causal_lm_loss,
@@ -155,9 +164,8 @@ def masked_lm_loss(model, params, batch, rng, *, z_loss: float = 0.0):
     cfg = model.cfg
     inputs_BT, selected_BT = mask_tokens(batch["input_ids"], batch["segment_ids"], rng, vocab_size=cfg.vocab_size,
                                          mask_token_id=cfg.mask_token_id)
-    logits_BTV = model.apply({"params": params}, inputs_BT, positions=batch["positions"],
-                             segment_ids=batch["segment_ids"])
-    return cross_entropy_sums(logits_BTV, batch["input_ids"], selected_BT, z_loss)
+    return vocab_loss_sums(model, params, batch["input_ids"], selected_BT, z_loss, inputs_BT,
+                           positions=batch["positions"], segment_ids=batch["segment_ids"])
 
 
 def random_spans_noise_mask(rng, length: int, noise_density: float = 0.15, mean_span_length: float = 3.0):
@@ -232,9 +240,9 @@ def span_corruption_loss(model, params, batch, rng, *, z_loss: float = 0.0):
     cfg = model.cfg
     s = span_corruption(batch["input_ids"], batch["segment_ids"], rng, first_sentinel_id=cfg.first_sentinel_id,
                         decoder_start_id=cfg.decoder_start_token_id)
-    logits_BTV = model.apply({"params": params}, s["input_ids"], decoder_input_ids=s["decoder_input_ids"],
-                             segment_ids=s["segment_ids"], decoder_segment_ids=s["decoder_segment_ids"])
-    return cross_entropy_sums(logits_BTV, s["targets"], s["decoder_segment_ids"] > 0, z_loss)
+    return vocab_loss_sums(model, params, s["targets"], s["decoder_segment_ids"] > 0, z_loss, s["input_ids"],
+                           decoder_input_ids=s["decoder_input_ids"], segment_ids=s["segment_ids"],
+                           decoder_segment_ids=s["decoder_segment_ids"])
 
 
 def classification_loss(model, params, batch, rng, *, z_loss: float = 0.0):
@@ -270,9 +278,9 @@ def seq2seq_loss(model, params, batch, rng, *, z_loss: float = 0.0):
     """
     del rng
     _require_model(model, "seq2seq")
-    logits_BTV = model.apply({"params": params}, batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"],
-                             segment_ids=batch["segment_ids"], decoder_segment_ids=batch["decoder_segment_ids"])
-    return cross_entropy_sums(logits_BTV, batch["targets"], batch["decoder_segment_ids"] > 0, z_loss)
+    return vocab_loss_sums(model, params, batch["targets"], batch["decoder_segment_ids"] > 0, z_loss,
+                           batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"],
+                           segment_ids=batch["segment_ids"], decoder_segment_ids=batch["decoder_segment_ids"])
 
 
 register(Objective("seq2seq", ("input_ids", "segment_ids", "decoder_input_ids", "decoder_segment_ids", "targets"),

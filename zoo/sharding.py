@@ -112,6 +112,18 @@ def constrain(x, names: tuple[str | None, ...]):
     return nn.with_logical_constraint(x, names)
 
 
+def logical_size(name: str) -> int:
+    """How many shards the logical axis `name` has under the mesh and rules in context (1 outside
+    a mesh, without rules, or where the rules name no mesh axis of the mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return 1
+    entry = nn.logical_to_mesh_axes((name,))[0]
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    manual = set(getattr(mesh, "manual_axes", ()))
+    return math.prod(mesh.shape[n] for n in names if n in mesh.axis_names and n not in manual)
+
+
 def check_divisible(cfg, mesh: Mesh) -> None:
     """Fails early, with one clear line, when the mesh cannot split the model."""
     tensor = mesh.shape.get("tensor", 1)

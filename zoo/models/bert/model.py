@@ -24,6 +24,7 @@ from zoo.nn.masks import check_inputs, default_positions, encoder_segment_ids
 from zoo.nn.mlp import MLP
 from zoo.nn.norms import LayerNorm
 from zoo.nn.scan import scan_layers
+from zoo.nn.vocab_head import VocabHead
 from zoo.sharding import constrain
 
 
@@ -65,7 +66,7 @@ class Bert(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, positions=None, segment_ids=None,
-                 return_pooled=False):
+                 return_pooled=False, return_head=False):
         cfg = self.cfg
         check_inputs(cfg, input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                      positions=positions, segment_ids=segment_ids)
@@ -98,8 +99,10 @@ class Bert(nn.Module):
             h_BTD = LayerNorm(cfg.layer_norm_eps, name="mlm_norm", **kw)(h_BTD)
             mlm_bias = self.param("mlm_bias", param_with_axes(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
                                   kw["param_dtype"])
-            logits_BTV = (word.attend(h_BTD) + mlm_bias.astype(kw["dtype"])).astype(jnp.float32)
-            return constrain(logits_BTV, ("batch", "length", "activation_vocab"))
+            head = VocabHead(word.embedding, mlm_bias, dtype=kw["dtype"])
+            return (h_BTD, head) if return_head else head.logits(h_BTD)
+        if return_head:
+            raise ValueError(f"{cfg.name}: return_head needs the mlm head, this model has head={cfg.head!r}")
 
         pooled_BD = jnp.tanh(_square(cfg.hidden_size, "pooler", kw)(x_BTD[:, 0]))
         if cfg.head == "classify":

@@ -23,12 +23,13 @@ from zoo.models.moe.model import AUX_LOSS_COLLECTION, ROUTER_LOAD, MoEDecoderBlo
 from zoo.nn.blocks import DecoderBlock
 from zoo.nn.embed import Embed
 from zoo.nn.linear import Dense, default_init, param_with_axes
-from zoo.nn.losses import cross_entropy_sums, next_token_targets, shift_left
+from zoo.nn.losses import next_token_targets, shift_left, vocab_cross_entropy_sums
 from zoo.nn.masks import default_positions, mask_to_segment_ids
 from zoo.nn.mla import MLAttention
 from zoo.nn.mlp import MLP
 from zoo.nn.norms import RMSNorm
 from zoo.nn.scan import scan_layers
+from zoo.nn.vocab_head import lm_head
 from zoo.sharding import constrain
 
 
@@ -138,7 +139,8 @@ class DeepSeek(nn.Module):
     decode: bool = False  # KV-cache mode for zoo.generate
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, return_hidden=False):
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, return_hidden=False,
+                 return_head=False):
         cfg = self.cfg
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         positions_BT = default_positions(input_ids) if positions is None else positions
@@ -166,11 +168,7 @@ class DeepSeek(nn.Module):
         x_BTD = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(x_BTD)
         if return_hidden:
             return x_BTD
-        if cfg.tie_word_embeddings:
-            head = embed.attend
-        else:
-            head = Dense((cfg.vocab_size,), ("embed",), ("vocab",), name="lm_head", **kw)
-        logits_BTV = head(x_BTD)
+        head = lm_head(cfg, embed, kw["dtype"], kw["param_dtype"])
         # multi-token prediction: a training loss only (runs while the aux losses are collected, and at init)
         if cfg.num_mtp_layers and (self.is_initializing() or (
                 cfg.mtp_loss_weight > 0 and self.is_mutable_collection(AUX_LOSS_COLLECTION))):
@@ -181,9 +179,10 @@ class DeepSeek(nn.Module):
                                                                             segment_ids_BT)
                 counts.append(stats["expert_counts"][None])
                 seg_BT = jnp.ones_like(input_ids) if segment_ids_BT is None else segment_ids_BT
-                _, sums = cross_entropy_sums(head(h_BTD), *next_token_targets(input_ids, seg_BT, ahead=j + 2))
+                _, sums = vocab_cross_entropy_sums(h_BTD, head, *next_token_targets(input_ids, seg_BT, ahead=j + 2),
+                                                   vocab_block=cfg.loss_vocab_block)
                 losses.append(sums["nll"] / jnp.maximum(sums["weight"], 1.0))
             self.sow(AUX_LOSS_COLLECTION, "mtp_loss", sum(losses) / cfg.num_mtp_layers)
         self.sow(ROUTER_LOAD, "counts", jnp.concatenate(counts))  # for balance_routers; a no-op unless mutable
-        return constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "activation_vocab"))
+        return (x_BTD, head) if return_head else head.logits(x_BTD)
 

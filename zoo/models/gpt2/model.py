@@ -16,6 +16,7 @@ from zoo.nn.masks import default_positions, mask_to_segment_ids
 from zoo.nn.mlp import MLP
 from zoo.nn.norms import LayerNorm
 from zoo.nn.scan import scan_layers
+from zoo.nn.vocab_head import VocabHead
 from zoo.sharding import constrain
 
 
@@ -26,7 +27,8 @@ class GPT2(nn.Module):
     decode: bool = False  # KV-cache mode for zoo.generate (see zoo/nn/attention.py)
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, return_hidden=False):
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, return_hidden=False,
+                 return_head=False):
         cfg = self.cfg
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         positions_BT = default_positions(input_ids) if positions is None else positions
@@ -50,5 +52,5 @@ class GPT2(nn.Module):
         x_BTD = LayerNorm(cfg.layer_norm_epsilon, name="ln_f", **kw)(x_BTD)
         if return_hidden:
             return x_BTD
-        logits_BTV = wte.attend(x_BTD).astype(jnp.float32)
-        return constrain(logits_BTV, ("batch", "length", "activation_vocab"))
+        head = VocabHead(wte.embedding, dtype=kw["dtype"])
+        return (x_BTD, head) if return_head else head.logits(x_BTD)

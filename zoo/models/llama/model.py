@@ -15,11 +15,11 @@ from zoo.models.llama.config import LlamaConfig
 from zoo.nn.attention import SelfAttention
 from zoo.nn.blocks import DecoderBlock
 from zoo.nn.embed import Embed
-from zoo.nn.linear import Dense
 from zoo.nn.masks import default_positions, mask_to_segment_ids
 from zoo.nn.mlp import MLP
 from zoo.nn.norms import RMSNorm
 from zoo.nn.scan import scan_layers
+from zoo.nn.vocab_head import lm_head
 from zoo.sharding import constrain
 
 
@@ -48,7 +48,8 @@ class Llama(nn.Module):
         del outputs_L, segment_ids_BT
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, return_hidden=False):
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, return_hidden=False,
+                 return_head=False):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         kw = dict(dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype))
@@ -83,11 +84,5 @@ class Llama(nn.Module):
         x_BTD = RMSNorm(cfg.rms_norm_eps, cfg.norm_offset, name="norm", **kw)(x_BTD)
         if return_hidden:
             return x_BTD
-        if cfg.tie_word_embeddings:
-            logits_BTV = embed.attend(x_BTD)
-        else:
-            logits_BTV = Dense((cfg.vocab_size,), ("embed",), ("vocab",), name="lm_head", **kw)(x_BTD)
-        logits_BTV = logits_BTV.astype(jnp.float32)
-        if cfg.final_logit_softcap is not None:
-            logits_BTV = cfg.final_logit_softcap * jnp.tanh(logits_BTV / cfg.final_logit_softcap)
-        return constrain(logits_BTV, ("batch", "length", "activation_vocab"))
+        head = lm_head(cfg, embed, dtype, kw["param_dtype"], cfg.final_logit_softcap)
+        return (x_BTD, head) if return_head else head.logits(x_BTD)

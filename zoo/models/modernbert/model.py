@@ -24,6 +24,7 @@ from zoo.nn.masks import check_inputs, default_positions, encoder_segment_ids
 from zoo.nn.mlp import MLP
 from zoo.nn.norms import LayerNorm
 from zoo.nn.scan import scan_layers
+from zoo.nn.vocab_head import VocabHead
 from zoo.sharding import constrain
 
 
@@ -64,7 +65,7 @@ class ModernBert(nn.Module):
     cfg: ModernBertConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, return_head=False):
         cfg = self.cfg
         check_inputs(cfg, input_ids, attention_mask=attention_mask, positions=positions, segment_ids=segment_ids)
         b, t = input_ids.shape
@@ -91,8 +92,10 @@ class ModernBert(nn.Module):
         if cfg.head == "mlm":
             bias = self.param("decoder_bias", param_with_axes(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
                               kw["param_dtype"])
-            logits_BTV = (embed.attend(head(x_BTD)) + bias.astype(kw["dtype"])).astype(jnp.float32)
-            return constrain(logits_BTV, ("batch", "length", "activation_vocab"))
+            h_BTD, vocab = head(x_BTD), VocabHead(embed.embedding, bias, dtype=kw["dtype"])
+            return (h_BTD, vocab) if return_head else vocab.logits(h_BTD)
+        if return_head:
+            raise ValueError(f"{cfg.name}: return_head needs the mlm head, this model has head={cfg.head!r}")
         if cfg.classifier_pooling == "cls":
             pooled_BD = x_BTD[:, 0]
         else:  # mean over real tokens (all, without a mask)

@@ -28,6 +28,7 @@ from zoo.nn.masks import check_inputs, encoder_segment_ids
 from zoo.nn.mlp import MLP
 from zoo.nn.norms import RMSNorm
 from zoo.nn.scan import scan_layers
+from zoo.nn.vocab_head import lm_head
 from zoo.sharding import constrain
 
 
@@ -177,7 +178,7 @@ class T5(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
                  segment_ids=None, decoder_segment_ids=None, encoder_outputs=None, encode_only=False,
-                 return_hidden=False):
+                 return_hidden=False, return_head=False):
         cfg = self.cfg
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         if decoder_input_ids is None:
@@ -215,8 +216,5 @@ class T5(nn.Module):
             return y_BTD
         if cfg.scale_decoder_outputs:
             y_BTD = y_BTD * jnp.asarray(cfg.hidden_size**-0.5, y_BTD.dtype)
-        if cfg.tie_word_embeddings:
-            logits_BTV = shared.attend(y_BTD)
-        else:
-            logits_BTV = Dense((cfg.vocab_size,), ("embed",), ("vocab",), name="lm_head", **kw)(y_BTD)
-        return constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "activation_vocab"))
+        head = lm_head(cfg, shared, kw["dtype"], kw["param_dtype"])
+        return (y_BTD, head) if return_head else head.logits(y_BTD)
