@@ -27,7 +27,7 @@ import zoo
 from benchmarks.common import RESULTS_DIR, device_info, markdown_table, write_json
 from zoo import registry
 from zoo.argtypes import positive_int
-from zoo.configs import DTYPES, REMAT_POLICIES
+from zoo.configs import DTYPES, REMAT_POLICIES, parse_overrides, with_overrides
 from zoo.training.plan import GIB, PlanError, canonical_topology, format_plan, plan, plan_with_remat
 
 # ------------------------------------------------------------------------------- the table
@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param-dtype", choices=DTYPES, default=None,
                    help="master weight and optimizer dtype (default: the preset's)")
     p.add_argument("--objective", default="clm", help="training objective (default: %(default)s)")
+    p.add_argument("--override", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="model config fields, as train.py's --override (e.g. loss_vocab_block=0)")
     p.add_argument("--table", action="store_true",
                    help="plan the README table (presets x v5e/v5p/v6e slices) and write results/plan_tpu.json/.md")
     p.add_argument("--presets", nargs="+", default=None, help="with --table: only these presets")
@@ -199,7 +201,7 @@ def main(argv=None):
         if args.table:
             return run_table(presets=args.presets, topologies=args.topologies, out_dir=args.out)
         overrides = {k: v for k, v in (("dtype", args.dtype), ("param_dtype", args.param_dtype)) if v}
-        cfg = zoo.config(args.model, **overrides)
+        cfg = with_overrides(zoo.config(args.model, **overrides), parse_overrides(args.override))
         result = plan_with_remat(cfg, args.topology, args.remat, mesh=args.mesh, batch_size=args.batch_size,
                                  seq_len=args.seq_len, grad_accum=args.grad_accum, objective=args.objective)
     except (PlanError, ValueError) as e:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_preset
 from flax import linen as nn
 
 import zoo
@@ -21,7 +22,6 @@ from zoo.nn.vocab_head import VocabHead
 from zoo.sharding import make_mesh
 from zoo.training.step import mesh_context
 
-from conftest import tiny_preset
 from step_utils import packed_batch
 
 B, T, D, V = 2, 7, 16, 50
