@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3.1-8b", help="a zoo preset (default: %(default)s)")
     p.add_argument("--topology", default="v5p:2x2x1",
-                   help="TPU topology or slice name, e.g. v5p:2x2x1, v5p-8, v5e:4x4, v6e:2x2 (default: %(default)s)")
+                   help="TPU topology or slice name, e.g. v5p:2x2x1, v5p-8, v5e:4x4, v6e:2x2; NxSLICE for N "
+                        "slices over the data-center network, e.g. 2xv5p-8 (default: %(default)s)")
     p.add_argument("--mesh", default="fsdp=-1",
                    help="mesh axis sizes over the topology's devices, as train.py's --mesh (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="global batch in rows (default: %(default)s)")

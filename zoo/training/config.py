@@ -120,7 +120,8 @@ class TrainConfig:
     z_loss: float = flag("optim", 0.0, "weight of the logsumexp^2 auxiliary loss", type=non_negative_float)
     # run
     mesh: str = flag("run", "fsdp=-1", "mesh axis sizes, e.g. data=2,fsdp=-1,tensor=1 (-1 fills the rest; axes: "
-                     "data, fsdp, sequence, tensor, expert)")
+                     "data, fsdp, sequence, tensor, expert); dcn_AXIS=N spreads an axis over N slices (multi-slice, "
+                     "e.g. dcn_data=2,fsdp=-1: only that axis's collectives cross the data-center network)")
     seed: int = flag("run", 0, "seed of init, data order and sampling", type=int)
     out: str = flag("run", DEFAULT_OUT, "run directory: new, empty, or a train.py run to resume (it resumes when it "
                     "holds checkpoints; one process writes it at a time)")
@@ -170,7 +171,7 @@ class TrainConfig:
                               "report per-device memory against capacity, FLOPs and whether it fits; nothing is "
                               "trained or written")
     topology: str | None = flag("plan", None, "TPU topology to compile for through libtpu, e.g. v5p:2x2x1 (= v5p-8), "
-                                "v5e:4x4, v6e:2x2; implies --compile-only")
+                                "v5e:4x4, v6e:2x2, 2xv5p-8 (two slices); implies --compile-only")
 
     # ------------------------------------------------------------------ construction
 

@@ -41,6 +41,7 @@ from jax.experimental import topologies
 import zoo
 from zoo import objectives, registry
 from zoo.sharding import check_divisible, make_mesh
+from zoo.training.collectives import dcn_transfers
 from zoo.training.config import TrainConfig, UsageError
 from zoo.training.metrics import PEAK_FLOPS
 from zoo.training.optimizer import OptimConfig
@@ -63,15 +64,29 @@ class PlanError(ValueError):
     """A plan that cannot be made (bad topology, mesh, batch): one line, before compiling."""
 
 
+def split_slices(name: str) -> tuple[int, str]:
+    """(slices, one slice's name) of a multi-slice topology "NxSLICE" ("2xv5p-8": 2 v5p-8 slices
+    joined over the data-center network); (1, name) for one slice."""
+    m = re.fullmatch(r"(\d+)x(v.*)", name.strip().lower())
+    return (int(m.group(1)), m.group(2)) if m else (1, name)
+
+
 def canonical_topology(name: str) -> str:
-    """libtpu's GENERATION:SHAPE name for a topology or Cloud slice name ("v5p-8" -> "v5p:2x2x1")."""
+    """libtpu's GENERATION:SHAPE name for a topology or Cloud slice name ("v5p-8" -> "v5p:2x2x1"),
+    prefixed "Nx" for N slices ("2xv5p-8" -> "2xv5p:2x2x1")."""
+    slices, name = split_slices(name)
+    if slices != 1:
+        if slices < 1:
+            raise PlanError(f"topology {slices}x{name}: the number of slices must be positive")
+        return f"{slices}x{canonical_topology(name)}"
     name = name.strip().lower()
     m = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod|v5lite):(\d+(?:x\d+)+)", name)
     if m:
         return f"{_GENERATION_OF_PREFIX[m.group(1)]}:{m.group(2)}"
     m = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod)-(\d+)", name)
     if not m:
-        raise PlanError(f"unknown TPU topology {name!r}: expected e.g. v5p:2x2x1, v5e:4x4, v6e:2x2 or v5p-8")
+        raise PlanError(f"unknown TPU topology {name!r}: expected e.g. v5p:2x2x1, v5e:4x4, v6e:2x2 or v5p-8 "
+                        "(2xv5p-8: two slices)")
     generation, count = _GENERATION_OF_PREFIX[m.group(1)], int(m.group(2))
     if generation in ("v4", "v5p"):
         if count % 2 or count // 2 not in _GRID_3D:
@@ -87,9 +102,10 @@ def canonical_topology(name: str) -> str:
 def topology_devices(name: str) -> tuple:
     """The abstract TPU devices of a topology, from libtpu (cached: one description per name)."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # tests and the user's run may share a host
-    canonical = canonical_topology(name)
+    slices, canonical = split_slices(canonical_topology(name))
+    kwargs = {"num_slices": slices} if slices > 1 else {}
     try:
-        return tuple(topologies.get_topology_desc(platform="tpu", topology_name=canonical).devices)
+        return tuple(topologies.get_topology_desc(platform="tpu", topology_name=canonical, **kwargs).devices)
     except Exception as e:  # libtpu missing, or a shape it does not know
         raise PlanError(f"libtpu cannot describe topology {canonical}: {str(e).splitlines()[0][:200]} "
                         "(pip install libtpu)") from None
@@ -98,9 +114,9 @@ def topology_devices(name: str) -> tuple:
 def chip_info(name: str) -> dict:
     """Generation, device kind, devices per chip, HBM and peak bf16 FLOP/s per device of a topology."""
     canonical = canonical_topology(name)
-    generation = canonical.split(":")[0]
+    generation = split_slices(canonical)[1].split(":")[0]
     devices = topology_devices(canonical)
-    chips = len({tuple(d.coords) for d in devices})
+    chips = len({(getattr(d, "slice_index", 0), tuple(d.coords)) for d in devices})
     per_chip = len(devices) // chips
     kind = devices[0].device_kind
     peak = next((flops for sub, flops in PEAK_FLOPS if sub.lower() in kind.lower()), None)
@@ -204,6 +220,11 @@ def plan(cfg, topology: str | None, *, mesh: str = "fsdp=-1", batch_size: int, s
         generated_code_bytes=mem.generated_code_size_in_bytes, hbm_bytes=hbm,
         fits=None if capacity is None else bool(hbm <= capacity),
         xla_flops_per_device=cost.get("flops"))
+    if len({getattr(d, "slice_index", 0) for d in devices}) > 1:
+        try:
+            result["dcn_transfers"] = dcn_transfers(trainer.step.as_text())
+        except jax.errors.JaxRuntimeError as e:  # jax 0.10.2 cannot print some large TPU programs
+            result["dcn_transfers"], result["dcn_note"] = None, str(e).splitlines()[0][:160]
     return result
 
 
@@ -269,6 +290,13 @@ def format_plan(r: dict) -> str:
             lines.append("  capacity unknown for this device: no verdict")
     if r["fits"] is False and r["remat"] != "full":
         lines.append("  (try --remat full, a larger slice, or a smaller batch)")
+    if r.get("dcn_transfers") is not None:
+        sent = ", ".join(f"{k.lower().replace('_', '-')} x{v['count']} ({v['bytes'] / 2**20:.2f} MiB)"
+                         for k, v in sorted(r["dcn_transfers"].items()))
+        lines.append(f"  between slices (DCN), per device, each op of the program once (a scanned layer's once): "
+                     f"{sent or 'nothing'}")
+    elif r.get("dcn_note"):
+        lines.append(f"  between slices (DCN): not read, XLA could not print the compiled program ({r['dcn_note']})")
     xla = f"; XLA's cost analysis counts {r['xla_flops_per_device'] / 1e12:.4g} TFLOP (each loop body once)" \
         if r.get("xla_flops_per_device") else ""
     lines.append(f"  FLOPs per step per device {r['flops_per_device'] / 1e12:.4g} TFLOP analytic{xla}")

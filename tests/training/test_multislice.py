@@ -1,0 +1,104 @@
+"""Multi-slice meshes: `--mesh dcn_data=2,...` lays slices out as the outer part of an axis; a step on
+such a mesh equals the 1-device step; a 2-slice TPU plan compiles and only reductions and gathers
+cross the data-center network."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import zoo
+from zoo import objectives
+from zoo.sharding import make_mesh, parse_hybrid_mesh, parse_mesh
+from zoo.training import plan
+from zoo.training.step import init_state, make_trainer, mesh_context
+
+from step_utils import OPT, packed_batch
+
+
+def test_dcn_axes_multiply_the_ici_axes():
+    ici, dcn = parse_hybrid_mesh("dcn_data=2,fsdp=-1,tensor=2", 16)
+    assert (ici["data"], ici["fsdp"], ici["tensor"]) == (1, 4, 2) and (dcn["data"], dcn["fsdp"]) == (2, 1)
+    assert parse_mesh("dcn_data=2,fsdp=-1,tensor=2", 16) == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 2,
+                                                             "expert": 1}
+    assert parse_mesh("dcn_fsdp=2,fsdp=2,dcn_data=2", 8)["fsdp"] == 4
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("dcn_data=-1,fsdp=-1", "dcn_* sizes must be positive"),
+    ("dcn_data=3,fsdp=-1", "3 slices do not divide the 8 devices"),
+    ("dcn_foo=2", "bad --mesh entry 'dcn_foo=2'"),
+    ("dcn_data=2,fsdp=8", "uses 8 devices per slice, not the 4 devices of each of 2 slices"),
+    ("dcn_data=2,dcn_data=2", "names axis 'dcn_data' twice"),
+])
+def test_bad_dcn_specs_get_one_line(spec, words):
+    with pytest.raises(ValueError, match=words.replace("*", r"\*")):
+        parse_hybrid_mesh(spec, 8)
+
+
+def test_slices_are_the_outer_part_of_their_axis():
+    devices = jax.devices()[:8]
+    mesh = make_mesh("dcn_data=2,fsdp=2,tensor=2", devices=devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2, "expert": 1}
+    # CPU devices stand in for slices in consecutive groups: slice s holds data row s
+    for s in range(2):
+        assert {d.id for d in mesh.devices[s].flat} == {d.id for d in devices[4 * s:4 * s + 4]}
+
+
+@pytest.mark.tpu_aot
+def test_tpu_slices_come_from_slice_index():
+    devices = plan.topology_devices("2xv5p-8")
+    assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
+    mesh = make_mesh("fsdp=-1,dcn_data=2", devices=devices)
+    for s in range(2):
+        assert {d.slice_index for d in mesh.devices[s].flat} == {s}
+    with pytest.raises(ValueError, match="asks for 4 slices; the 8 devices form 2 slices"):
+        make_mesh("dcn_data=4,fsdp=-1", devices=devices)
+
+
+def test_three_steps_on_two_slices_equal_one_device():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 fake CPU devices (tests/conftest.py)")
+    cfg = zoo.config("tiny-llama", dtype="float32")
+    batches = [packed_batch(cfg.vocab_size, seed=s) for s in range(3)]
+    fields = objectives.get("clm").fields
+    runs = []
+    for spec, devices in (("data=1", jax.devices()[:1]), ("dcn_data=2,fsdp=2,tensor=2", jax.devices()[:8])):
+        mesh = make_mesh(spec, devices=devices)
+        tr = make_trainer(cfg, mesh, OPT, batch_size=8, seq_len=32)
+        state, losses = init_state(tr, mesh, seed=0), []
+        for batch in batches:
+            with mesh_context(mesh):
+                state, metrics = tr.step(state, {k: jax.device_put(batch[k], tr.batch_sharding) for k in fields})
+            losses.append(float(metrics["loss"]))
+        runs.append((losses, jax.device_get(state["params"])))
+    (one, p_one), (two, p_two) = runs
+    np.testing.assert_allclose(two, one, rtol=1e-5)
+    assert len(set(one)) == 3  # three different steps
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p_one), jax.tree.leaves(p_two)):
+        rel = np.linalg.norm(a - b) / max(float(np.linalg.norm(a)), 1e-6)
+        assert rel <= 1e-5, (jax.tree_util.keystr(path), rel)
+
+
+def test_multi_slice_topology_names():
+    assert plan.canonical_topology("2xv5p-8") == "2xv5p:2x2x1"
+    assert plan.canonical_topology("4xv6e:2x2") == "4xv6e:2x2"
+    with pytest.raises(plan.PlanError, match="slices must be positive"):
+        plan.canonical_topology("0xv5p-8")
+
+
+@pytest.mark.tpu_aot
+def test_two_slice_plan_sends_only_reductions_and_gathers_over_dcn():
+    cfg = zoo.config("tiny-llama")
+    r = plan.plan(cfg, "2xv5p-8", mesh="dcn_data=2,fsdp=2,tensor=2", batch_size=8, seq_len=64)
+    assert r["status"] == "compiled" and r["chips"] == 8 and r["devices"] == 8
+    dcn = r["dcn_transfers"]
+    # the gradient all-reduce over data crosses slices; tensor-parallel traffic (all-to-all,
+    # permutes, the per-layer reduce-scatters) stays on each slice's ICI
+    assert dcn.get("ALL_REDUCE", {}).get("count", 0) > 0, dcn
+    assert set(dcn) <= {"ALL_REDUCE", "ALL_GATHER", "REDUCE_SCATTER"}, dcn
+    assert "between slices (DCN)" in plan.format_plan(r)
+    # the same mesh on one 8-chip slice sends nothing over DCN
+    single = plan.plan(cfg, "v5p:2x2x2", mesh="data=2,fsdp=2,tensor=2", batch_size=8, seq_len=64)
+    assert single["status"] == "compiled" and "dcn_transfers" not in single
