@@ -114,8 +114,12 @@ def vocab_loss_sums(model, params, targets_BT, valid_BT, z_loss, *args, **kwargs
     model returns its hidden states and head instead of the logits and the cross-entropy runs over
     vocabulary blocks (zoo/nn/chunked_ce.py): the [B, T, V] logits never exist."""
     block = model.cfg.loss_vocab_block
-    (h_BTD, head), aux_losses = apply_with_aux_losses(model, params, *args, return_head=True, **kwargs)
-    total, sums = vocab_cross_entropy_sums(h_BTD, head, targets_BT, valid_BT, z_loss, vocab_block=block)
+    if block:
+        (h_BTD, head), aux_losses = apply_with_aux_losses(model, params, *args, return_head=True, **kwargs)
+        total, sums = vocab_cross_entropy_sums(h_BTD, head, targets_BT, valid_BT, z_loss, vocab_block=block)
+    else:
+        logits_BTV, aux_losses = apply_with_aux_losses(model, params, *args, **kwargs)
+        total, sums = cross_entropy_sums(logits_BTV, targets_BT, valid_BT, z_loss)
     return add_aux_losses(model, total, sums, aux_losses)
 
 

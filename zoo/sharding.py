@@ -109,9 +109,15 @@ def parse_mesh(spec: str, num_devices: int | None = None) -> dict[str, int]:
 def _slices(devices: list, count: int) -> list[list]:
     """The devices grouped by slice: by `slice_index` where devices have one (TPU slices, libtpu's
     multi-slice topologies), else `count` consecutive groups (CPU devices stand in for slices)."""
+    indices = {getattr(d, "slice_index", None) for d in devices}
     if count == 1:
+        # TPU slices only: multi-node GPUs may report one slice per node, and their meshes from before
+        # DCN axes existed (--mesh data=4,fsdp=8 over 4 nodes) keep working as they were
+        if len(indices - {None}) > 1 and devices[0].platform == "tpu":
+            raise ValueError(f"the devices form {len(indices)} TPU slices: give --mesh a DCN axis across them "
+                             f"(e.g. dcn_data={len(indices)},fsdp=-1), or every axis would cross slices")
         return [devices]
-    if all(getattr(d, "slice_index", None) is not None for d in devices):
+    if None not in indices:
         groups: dict[int, list] = {}
         for d in devices:
             groups.setdefault(d.slice_index, []).append(d)

@@ -143,8 +143,9 @@ def _backward(vocab_block, shards, residuals, cotangents):
         start, own_C, ids_PC, w_blk, z = _block(head, g, hc_BTD, w, b, i)
         hit = ids_PC == targets_BT[..., None, None]
         dz = d_lse[..., None, None] * jnp.exp(z - lse_BT[..., None, None]) + jnp.where(hit, d_tgt[..., None, None], 0.0)
-        if head.softcap is not None:  # d/dr c*tanh(r/c) = 1 - tanh^2, and tanh = z / c
-            dz = dz * (1.0 - jnp.square(jnp.where(own_C, z, 0.0) / head.softcap))
+        if head.softcap is not None:  # d/dr c*tanh(r/c) = 1 - tanh^2 = (1 - t)(1 + t), t = z / c
+            t = jnp.where(own_C, z, 0.0) / head.softcap
+            dz = dz * ((1.0 - t) * (1.0 + t))
         dz = constrain(jnp.where(own_C, dz, 0.0), _BLOCK)
         draw = dz.astype(head.dtype)
         # dh keeps float32 across blocks (one rounding at the end, as one unblocked matmul has).

@@ -12,14 +12,19 @@ import math
 import re
 
 _SEND = re.compile(r"=\s*(?P<type>.*?)\ssend\(.*_xla_megascale_transfer_type=\"(?P<kind>\w+)\"")
-_ARRAY = re.compile(r"\b(pred|bf16|[suf]\d+)\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(pred|bf16|f8e\w+|[suf]\d+)\[([\d,]*)\]")
 _BITS = {"pred": 8, "bf16": 16}
 
 
-def array_bytes(type_text: str) -> int:
-    """Bytes of the arrays an HLO type names ("(f32[4,8]{1,0}, u32[], token[])" -> 132)."""
-    return sum(math.prod(int(d) for d in dims.split(",") if d) * (_BITS.get(t) or int(t[1:])) // 8
-               for t, dims in _ARRAY.findall(type_text))
+def payload_bytes(type_text: str) -> int:
+    """Bytes of the data a send carries: the first array of its HLO type ("(f32[4,8]{1,0}, u32[],
+    token[])" -> 128; the u32 context and the token are not data)."""
+    m = _ARRAY.search(type_text)
+    if not m:
+        return 0
+    t, dims = m.groups()
+    bits = _BITS.get(t) or (8 if t.startswith("f8") else int(t[1:]))
+    return math.prod(int(d) for d in dims.split(",") if d) * bits // 8
 
 
 def dcn_transfers(hlo_text: str) -> dict[str, dict[str, int]]:
@@ -32,5 +37,5 @@ def dcn_transfers(hlo_text: str) -> dict[str, dict[str, int]]:
         if m:
             entry = out.setdefault(m.group("kind"), {"count": 0, "bytes": 0})
             entry["count"] += 1
-            entry["bytes"] += array_bytes(m.group("type"))
+            entry["bytes"] += payload_bytes(m.group("type"))
     return out

@@ -107,7 +107,7 @@ def topology_devices(name: str) -> tuple:
     try:
         return tuple(topologies.get_topology_desc(platform="tpu", topology_name=canonical, **kwargs).devices)
     except Exception as e:  # libtpu missing, or a shape it does not know
-        raise PlanError(f"libtpu cannot describe topology {canonical}: {str(e).splitlines()[0][:200]} "
+        raise PlanError(f"libtpu cannot describe topology {canonical_topology(name)}: {str(e).splitlines()[0][:200]} "
                         "(pip install libtpu)") from None
 
 
