@@ -35,25 +35,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
-def _jax_before(major: int, minor: int) -> bool:
-    from importlib.metadata import version
-
-    return tuple(int(p) for p in version("jax").split(".")[:2]) < (major, minor)
-
-
 def pytest_configure(config):
     markexpr = config.getoption("markexpr", "") or ""
     wants_gpu = "gpu" in markexpr and "not gpu" not in markexpr
     if not wants_gpu:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if _jax_before(0, 11):
-        # jax 0.10.2 segfaulted twice in CI inside XLA:CPU's `executable.serialize()` while this
-        # (long-lived) process wrote a train step to the persistent cache, at the same point of the
-        # suite, never alone. This process now only reads the cache; the train.py subprocesses the
-        # tests start keep writing it (the environment above), which is where most repeats are.
-        import jax
-
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
 
 
 # A test file whose module-level imports need PyTorch (directly, or through the tiny-checkpoint
@@ -83,3 +69,36 @@ def no_compile(monkeypatch):
 
     for module in (pretrain, finetune, plan):
         monkeypatch.setattr(module, "make_trainer", fail)
+
+
+def _memory_maps() -> int | None:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drops jax's in-memory compilation caches after every test module.
+
+    Each XLA:CPU executable keeps a few memory mappings alive (~3 for a tiny jitted function, many
+    more for a train step) until jax's caches let go of it. One pytest process compiles thousands
+    of programs, and on Linux a process has at most vm.max_map_count (65530) mappings: past that,
+    mmap fails inside XLA and the process dies with SIGSEGV (CI's 3.11 leg did, three times, in
+    `compile` or `serialize`, at a point of the suite that moved as tests were added, never alone).
+    Tests keep their own references; the persistent compilation cache makes recompiles cheap.
+    """
+    yield
+    import sys
+
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+
+
+def pytest_terminal_summary(terminalreporter):
+    maps = _memory_maps()
+    if maps is not None:
+        terminalreporter.write_line(f"memory mappings of the pytest process at the end: {maps} "
+                                    "(Linux allows 65530 by default; see _release_compiled_code)")

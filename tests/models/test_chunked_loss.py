@@ -156,6 +156,7 @@ def test_vocab_split_over_the_mesh_equals_one_device():
 FAMILY_OVERRIDES = {"deepseek": {"num_mtp_layers": 1, "mtp_loss_weight": 0.3}}  # the MTP loss is chunked too
 
 
+@pytest.mark.newest_jax_leg  # 8 families x 2 compiles (~3.5 min): CI runs it on the newest-JAX leg only
 @pytest.mark.parametrize("family", list(registry.FAMILIES))
 def test_every_family_trains_on_the_blockwise_loss_exactly(family):
     """The family's pretraining objective: loss, every sum (aux losses and router loads included)
