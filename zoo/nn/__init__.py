@@ -2,7 +2,7 @@
 
     linear.py     Dense with logical axis names, param_with_axes, default_init
     norms.py      RMSNorm, LayerNorm
-    embed.py      Embed (token / position / type tables; `attend` for tied heads)
+    embed.py      Embed (token / position / type tables)
     rope.py       rope_frequencies, apply_rope
     mlp.py        MLP (gated or plain), ACTIVATIONS
     attention.py  SelfAttention through kernels.attention, with a KV cache for decoding

@@ -47,12 +47,6 @@ def vocab_stats(h_BTD, head: VocabHead, targets_BT, *, vocab_block: int) -> Voca
     return _stats(h_BTD, head, targets_BT.astype(jnp.int32), vocab_block, shards)
 
 
-def token_nll(h_BTD, head: VocabHead, targets_BT, *, vocab_block: int):
-    """-log softmax(logits)[target] per token, float32 [B, T]."""
-    s = vocab_stats(h_BTD, head, targets_BT, vocab_block=vocab_block)
-    return s.lse - s.target_logit
-
-
 class _Geometry(NamedTuple):
     shards: int  # P
     rows: int    # U

@@ -1,4 +1,4 @@
-"""Embedding tables (token, position, type); `attend` gives tied output logits."""
+"""Embedding tables (token, position, type); a tied output head reads `embedding` (zoo/nn/vocab_head.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from zoo.nn.linear import default_init, param_with_axes
 
 
 class Embed(nn.Module):
-    """Token embedding table [V, D]; `attend` gives tied output logits."""
+    """Token embedding table [V, D]."""
 
     num_embeddings: int
     features: int
@@ -25,6 +25,3 @@ class Embed(nn.Module):
 
     def __call__(self, ids_BT):
         return jnp.take(self.embedding, ids_BT, axis=0).astype(self.dtype)
-
-    def attend(self, x_BTD):
-        return jnp.einsum("BTD,VD->BTV", x_BTD.astype(self.dtype), self.embedding.astype(self.dtype))
