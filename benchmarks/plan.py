@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import zoo
 from benchmarks.common import RESULTS_DIR, device_info, markdown_table, write_json
+from kernels.api import CONTEXT_PARALLEL
 from zoo import registry
 from zoo.argtypes import positive_int
 from zoo.configs import DTYPES, REMAT_POLICIES, parse_overrides, with_overrides
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the preset's)")
     p.add_argument("--param-dtype", choices=DTYPES, default=None,
                    help="master weight and optimizer dtype (default: the preset's)")
+    p.add_argument("--context-parallel", choices=CONTEXT_PARALLEL, default=None,
+                   help="with a context axis in --mesh: allgather (k, v gathered) or ring (k/v blocks passed "
+                        "around the ring), as train.py's --context-parallel (default: the preset's, allgather)")
     p.add_argument("--objective", default="clm", help="training objective (default: %(default)s)")
     p.add_argument("--override", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="model config fields, as train.py's --override (e.g. loss_vocab_block=0)")
@@ -201,7 +205,8 @@ def main(argv=None):
     try:
         if args.table:
             return run_table(presets=args.presets, topologies=args.topologies, out_dir=args.out)
-        overrides = {k: v for k, v in (("dtype", args.dtype), ("param_dtype", args.param_dtype)) if v}
+        overrides = {k: v for k, v in (("dtype", args.dtype), ("param_dtype", args.param_dtype),
+                                       ("context_parallel", args.context_parallel)) if v}
         cfg = with_overrides(zoo.config(args.model, **overrides), parse_overrides(args.override))
         result = plan_with_remat(cfg, args.topology, args.remat, mesh=args.mesh, batch_size=args.batch_size,
                                  seq_len=args.seq_len, grad_accum=args.grad_accum, objective=args.objective)

@@ -40,11 +40,12 @@ except ImportError:  # pragma: no cover - a jax without jax.experimental.pallas.
     gpu_triton = None
 
 IMPLEMENTATIONS = ("xla", "pallas", "pallas_triton", "cudnn")
+CONTEXT_PARALLEL = ("allgather", "ring")  # kernels.context
 
 
 def attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
               sliding_window=None, logits_soft_cap=None, bias=None, sinks=None,
-              implementation=None, mesh=None):
+              implementation=None, mesh=None, context_parallel=None):
     """Multi-head attention with GQA/MQA, packing, causal/sliding-window masks.
 
     Args:
@@ -63,6 +64,12 @@ def attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
       implementation: None, "xla", "pallas", "pallas_triton" or "cudnn" (see the module docstring).
       mesh: the mesh to shard the kernel over; default the mesh in context
         (`jax.sharding.get_abstract_mesh()`), if any.
+      context_parallel: None, "allgather" or "ring" (`kernels.context`). When the logical rules
+        shard "length" over mesh axes of more than one device, the rows of q, k, v and segment ids
+        must be in the zig-zag order of `kernels.context.zigzag_order`, and attention runs per
+        length shard: "allgather" gathers k and v, "ring" passes k/v blocks around the ring and
+        merges them by their log-sum-exp. Needs T == S and no bias. None: the length is gathered
+        whole on every shard (natural order), as without a length rule.
 
     Returns:
       [B, T, N, Hv] in q's dtype.
@@ -74,7 +81,14 @@ def attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
         q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, bias=bias)
     sinks = base.validate_sinks(sinks, q.shape[2])
-    if implementation == "xla" or (implementation is None and bias is not None):
+    if context_parallel is not None and context_parallel not in CONTEXT_PARALLEL:
+        raise ValueError(f"unknown context_parallel {context_parallel!r}; expected None or one of {CONTEXT_PARALLEL}")
+    if context_parallel is not None and sharding.context_axes(mesh) is not None:
+        if bias is not None:
+            raise NotImplementedError("context parallelism takes no additive bias")
+    else:
+        context_parallel = None
+    if (implementation == "xla" and context_parallel is None) or (implementation is None and bias is not None):
         return reference.attend(q, k, v, q_ids, kv_ids, options, bias, sinks)
     if bias is not None:
         raise NotImplementedError(
@@ -86,8 +100,17 @@ def attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
         pad = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[3]),))
         out = attention(pad(q), pad(k), pad(v), causal=causal, segment_ids=segment_ids, scale=options.scale,
                         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks,
-                        implementation=implementation, mesh=mesh)
+                        implementation=implementation, mesh=mesh, context_parallel=context_parallel)
         return out[..., :hv]
+    if context_parallel is not None:
+        if implementation in ("cudnn", "pallas_triton"):
+            raise NotImplementedError(f"context parallelism runs with implementation 'pallas' or 'xla', not "
+                                      f"{implementation!r}")
+        kernel = (functools.partial(_xla_kernel, options=options) if implementation == "xla" else
+                  functools.partial(_kernel_for_platform, implementation, options=options))
+        return sharding.sharded(kernel, q, k, v, q_ids, kv_ids, mesh, sinks=sinks, options=options,
+                                context_parallel=context_parallel,
+                                lse_kernel=functools.partial(_lse_for_platform, implementation))
     if implementation == "cudnn":
         _check_cudnn(q, k, q_ids, options, sinks)
         kernel = functools.partial(_cudnn_for_platform, options=options)
@@ -122,6 +145,45 @@ def _kernel_for_platform(implementation, q, k, v, q_ids, kv_ids, sinks=None, *, 
         default = branch(_reference, "the reference")
     cuda = branch(_mosaic_gpu, "the Mosaic GPU kernel (kernels/gpu_mosaic.py)")
     return jax.lax.platform_dependent(tpu=mosaic, cuda=cuda, default=default)
+
+
+def _lse_for_platform(implementation, q, k, v, q_ids, kv_ids, options):
+    """(out [B, T, N, H] in q's dtype, lse [B, T, N] float32): attention and the natural
+    log-sum-exp of each row's kept, scaled (soft-capped) logits; a row with no key to attend to
+    gives out 0 and lse `base.MASK_VALUE`. Differentiable in q, k, v through both outputs. No
+    sinks, bias or mesh: `kernels.context` calls it per shard, inside shard_map, and merges
+    calls on disjoint key blocks by their lse.
+
+    implementation: None, "xla" or "pallas". The Mosaic TPU kernel when lowering for TPU (but
+    for "xla"); on CUDA it raises when lowered; elsewhere the TPU kernel in interpret mode for
+    "pallas" and the reference for None and "xla".
+    """
+
+    def fail(message):  # both outputs, shaped as they would be, raising if lowered
+        return _fail_at_lowering(q, message), _fail_at_lowering(q[..., 0].astype(jnp.float32), message)
+
+    def branch(fn, what, **kwargs):
+        def traced():  # platform_dependent traces every branch: fail only if this one is lowered
+            try:
+                return fn(q, k, v, q_ids, kv_ids, options, **kwargs)
+            except (ValueError, NotImplementedError) as e:
+                return fail(f"{what} cannot serve this call: {e}")
+        return traced
+
+    reference_branch = branch(reference.attend_with_lse, "the reference")
+    if implementation == "xla":
+        return reference_branch()
+    mosaic = branch(tpu.flash_attention_with_lse, "the Pallas TPU kernel", interpret=False)
+    if implementation == "pallas":
+        default = branch(tpu.flash_attention_with_lse, "the Pallas kernel in interpret mode", interpret=True)
+    else:
+        default = reference_branch
+    cuda = lambda: fail("context parallelism on GPUs is not implemented yet")
+    return jax.lax.platform_dependent(tpu=mosaic, cuda=cuda, default=default)
+
+
+def _xla_kernel(q, k, v, q_ids, kv_ids, sinks=None, *, options):
+    return reference.attend(q, k, v, q_ids, kv_ids, options, None, sinks)
 
 
 def _reference(q, k, v, q_ids, kv_ids, options, sinks=None):

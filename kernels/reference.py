@@ -48,6 +48,28 @@ def reference_attention(q, k, v, *, causal=False, segment_ids=None, scale=None,
 
 def attend(q, k, v, q_ids, kv_ids, options: base.Options, bias=None, sinks=None):
     """`reference_attention` on inputs that `base.validate` has checked and normalised."""
+    return _softmax_attend(q, k, v, q_ids, kv_ids, options, bias, sinks)[0]
+
+
+def attend_with_lse(q, k, v, q_ids, kv_ids, options: base.Options):
+    """`attend` (no bias, no sinks) and the natural log-sum-exp of each row's kept, scaled
+    (soft-capped) logits: (out [B, T, N, Hv] in q's dtype, lse [B, T, N] float32).
+
+    A row with no key to attend to gives out 0 and lse `base.MASK_VALUE`, with zero gradients.
+    Two calls on disjoint key blocks merge exactly by their lse (as ring attention does).
+    """
+    out_BTNH, max_BKGT, denom_BKGT = _softmax_attend(q, k, v, q_ids, kv_ids, options)
+    empty_BKGT = denom_BKGT == 0.0
+    lse_BKGT = jnp.where(empty_BKGT, base.MASK_VALUE,
+                         max_BKGT + jnp.log(jnp.where(empty_BKGT, 1.0, denom_BKGT)))
+    B, K, G, T, _ = lse_BKGT.shape
+    lse_BTN = jnp.transpose(lse_BKGT[..., 0], (0, 3, 1, 2)).reshape(B, T, K * G)
+    return out_BTNH, lse_BTN
+
+
+def _masked_logits(q, k, q_ids, kv_ids, options: base.Options, bias=None):
+    """(logits [B, K, G, T, S] float32, keep-mask broadcastable to them or None): scaled,
+    soft-capped, biased logits with masked entries set to `base.MASK_VALUE`."""
     B, T, N, H = q.shape
     _, S, K, _ = k.shape
     G = N // K
@@ -69,10 +91,20 @@ def attend(q, k, v, q_ids, kv_ids, options: base.Options, bias=None, sinks=None)
         key_pos_11S = jnp.arange(S)[None, None, :]
     ids = (None, None) if q_ids is None else (q_ids[:, :, None], kv_ids[:, None, :])
     mask_BTS = options.keep_mask(q_pos_1T1, key_pos_11S, *ids)
-    if mask_BTS is not None:
-        keep_BKGTS = mask_BTS[:, None, None]
-        # A finite fill keeps gradients finite; masked probabilities are zeroed below.
-        logits_BKGTS = jnp.where(keep_BKGTS, logits_BKGTS, base.MASK_VALUE)
+    if mask_BTS is None:
+        return logits_BKGTS, None
+    keep_B11TS = mask_BTS[:, None, None]
+    # A finite fill keeps gradients finite; masked probabilities are zeroed after the exp.
+    return jnp.where(keep_B11TS, logits_BKGTS, base.MASK_VALUE), keep_B11TS
+
+
+def _softmax_attend(q, k, v, q_ids, kv_ids, options: base.Options, bias=None, sinks=None):
+    """(out [B, T, N, Hv] in q's dtype, the row max [B, K, G, T, 1] (no gradient) and the
+    softmax denominator over the kept keys [B, K, G, T, 1], without the sink's term)."""
+    B, T, N, _ = q.shape
+    K = k.shape[2]
+    G = N // K
+    logits_BKGTS, keep_B11TS = _masked_logits(q, k, q_ids, kv_ids, options, bias)
     # Softmax is shift-invariant, so the max needs no gradient.
     max_BKGT = jnp.max(logits_BKGTS, axis=-1, keepdims=True)
     if sinks is not None:
@@ -80,11 +112,12 @@ def attend(q, k, v, q_ids, kv_ids, options: base.Options, bias=None, sinks=None)
         max_BKGT = jnp.maximum(max_BKGT, sink_1KG11)
     max_BKGT = jax.lax.stop_gradient(max_BKGT)
     probs_BKGTS = jnp.exp(logits_BKGTS - max_BKGT)
-    if mask_BTS is not None:
-        probs_BKGTS = jnp.where(keep_BKGTS, probs_BKGTS, 0.0)
-    denom_BKGT = jnp.sum(probs_BKGTS, axis=-1, keepdims=True)
+    if keep_B11TS is not None:
+        probs_BKGTS = jnp.where(keep_B11TS, probs_BKGTS, 0.0)
+    kept_BKGT = jnp.sum(probs_BKGTS, axis=-1, keepdims=True)
+    denom_BKGT = kept_BKGT
     if sinks is not None:
         denom_BKGT = denom_BKGT + jnp.exp(sink_1KG11 - max_BKGT)
     probs_BKGTS = probs_BKGTS / jnp.where(denom_BKGT == 0.0, 1.0, denom_BKGT)
     out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v.astype(jnp.float32))
-    return out_BTKGH.reshape(B, T, N, v.shape[3]).astype(q.dtype)
+    return out_BTKGH.reshape(B, T, N, v.shape[3]).astype(q.dtype), max_BKGT, kept_BKGT

@@ -5,9 +5,10 @@ saving the logsumexp per query row; each kv tile (one DMA) is computed in
 sub-blocks of `block_kv_compute` keys. Logits are base 2: scale * log2(e) is
 folded into q once per q block (float32 inputs; for bf16 it multiplies the
 float32 logits, see `tiles.folds_scale`), exp2 replaces exp, and the saved
-logsumexp, which only the backward reads, is base 2. Backward: one kernel for dq
-(loop over kv blocks) and one for dk/dv (loop over the G query heads of a kv head
-and over q blocks), under `jax.custom_vjp`. GQA head stacking (`BlockSizes.stack_gqa`): a
+logsumexp is base 2 (`flash_attention_with_lse` returns it in natural units; rows with
+nothing to attend to get `base.MASK_VALUE`). Backward: one kernel for dq (loop over
+kv blocks) and one for dk/dv (loop over the G query heads of a kv head and over q
+blocks), under `jax.custom_vjp`. GQA head stacking (`BlockSizes.stack_gqa`): a
 forward or dq grid step takes the G query heads of one kv head as a [G, block_q, H]
 block, flattened to one [G * block_q, H] operand (row r is query position
 q_start + r % block_q of head r // block_q), so K/V tiles are fetched once per
@@ -41,6 +42,7 @@ G = N // K q heads per kv head, H head dim.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,7 @@ from kernels.tpu_tuning import BlockSizes
 _LANES = 128
 _SUBLANES = 8
 _SQUEEZED = pl.Squeezed()
+_LN_2 = math.log(2.0)
 
 
 def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
@@ -76,6 +79,32 @@ def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
     Returns:
       [B, T, N, H] in q's dtype; rows with nothing to attend to are zeros.
     """
+    cfg, costs, operands, ids = _prepare(q, k, v, q_ids, kv_ids, options, block_sizes, interpret)
+    out_BNTH = _flash(cfg, costs, *operands, sinks, *ids)
+    return jnp.swapaxes(out_BNTH[:, :, :q.shape[1], :q.shape[3]], 1, 2)
+
+
+def flash_attention_with_lse(q, k, v, q_ids, kv_ids, options: base.Options, *,
+                             block_sizes: BlockSizes | None = None, interpret: bool = False):
+    """`flash_attention` (no sinks) that also returns each row's natural log-sum-exp.
+
+    Args: as `flash_attention`.
+
+    Returns:
+      (out [B, T, N, H] in q's dtype, lse [B, T, N] float32): lse is the natural log-sum-exp
+      of the row's kept, scaled (soft-capped) logits. A row with nothing to attend to gives
+      out 0 and lse `base.MASK_VALUE`. Differentiable in q, k, v through both outputs, so
+      that calls on disjoint key blocks can be merged by their lse (ring attention).
+    """
+    cfg, costs, operands, ids = _prepare(q, k, v, q_ids, kv_ids, options, block_sizes, interpret)
+    out_BNTH, lse_BNT = _flash_lse(cfg, costs, *operands, *ids)
+    T, H = q.shape[1], q.shape[3]
+    return jnp.swapaxes(out_BNTH[:, :, :T, :H], 1, 2), jnp.swapaxes(lse_BNT[:, :, :T], 1, 2)
+
+
+def _prepare(q, k, v, q_ids, kv_ids, options: base.Options, block_sizes, interpret):
+    """The kernel call of [B, L, X, H] inputs: (cfg, costs, (q, k, v) as padded [B, X, L, H_pad]
+    blocks, ids as sublane-broadcast [B, 8, L_pad] pairs or ())."""
     B, T, _, H = q.shape
     G = q.shape[2] // k.shape[2]
     blocks = block_sizes or BlockSizes.for_platform(
@@ -96,8 +125,7 @@ def flash_attention(q, k, v, q_ids, kv_ids, options: base.Options, *,
         ids = (jnp.broadcast_to(q_ids_BT[:, None, :], (B, _SUBLANES, T_pad)),
                jnp.broadcast_to(kv_ids_BS[:, None, :], (B, _SUBLANES, S_pad)))
     costs = tpu_tuning.cost_estimates(cfg, B, q.shape[2], T_pad, S_pad, H_pad, q.dtype.itemsize)
-    out_BNTH = _flash(cfg, costs, to_blocks(q, T_pad), to_blocks(k, S_pad), to_blocks(v, S_pad), sinks, *ids)
-    return jnp.swapaxes(out_BNTH[:, :, :T, :H], 1, 2)
+    return cfg, costs, (to_blocks(q, T_pad), to_blocks(k, S_pad), to_blocks(v, S_pad)), ids
 
 
 # ----------------------------------------------------------------------------
@@ -164,7 +192,10 @@ def _fwd_kernel(*refs, cfg: Config, steps: int, num_q: int, num_kv: int):
         l = tiles.column(l_ref)
         empty = l == 0.0
         o_ref[...] = (acc_ref[...] / jnp.where(empty, 1.0, l)).astype(o_ref.dtype).reshape(o_ref.shape)
-        lse = jnp.where(empty, 0.0, tiles.column(m_ref) + jnp.log2(jnp.where(empty, 1.0, l)))  # base 2
+        # Base 2. An empty row gets MASK_VALUE (`_flash_lse_fwd` returns it unscaled); the backward still
+        # gives it p = 0: exp2(MASK_VALUE - MASK_VALUE) = 1 is zeroed by the keep-mask, which every tile
+        # holding an empty row evaluates (`base.tile_needs_mask`).
+        lse = jnp.where(empty, base.MASK_VALUE, tiles.column(m_ref) + jnp.log2(jnp.where(empty, 1.0, l)))
         for h in range(lse_ref.shape[0]):
             lse_ref[h] = jnp.broadcast_to(tiles.column_to_row(lse[h * bq:(h + 1) * bq]), lse_ref.shape[1:])
 
@@ -402,8 +433,7 @@ def _flash(cfg, costs, q, k, v, sinks, *ids):
 
 
 def _flash_fwd(cfg, costs, q, k, v, sinks, *ids):
-    out, lse = _fwd_call(cfg, costs[0], q, k, v, *ids)
-    lse = lse[:, :, 0, :]  # one sublane of the statistic is the residual (8x less memory); base 2
+    out, lse = _forward(cfg, costs, q, k, v, *ids)
     if sinks is not None:
         w_BNT, lse = base.apply_sinks(lse, sinks, base2=True)
         out = (out.astype(jnp.float32) * w_BNT[..., None]).astype(out.dtype)
@@ -412,15 +442,57 @@ def _flash_fwd(cfg, costs, q, k, v, sinks, *ids):
 
 def _flash_bwd(cfg, costs, residuals, do):
     q, k, v, sinks, out, lse_BNT, ids = residuals
-    B, N, T, _ = q.shape
-    delta_BNT = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-    lse, delta = (jnp.broadcast_to(x_BNT[:, :, None, :], (B, N, _SUBLANES, T))
-                  for x_BNT in (lse_BNT, delta_BNT))
-    do = do.astype(q.dtype)
-    dq = _dq_call(cfg, costs[1], q, k, v, do, lse, delta, *ids)
-    dk, dv = _dkv_call(cfg, costs[2], q, k, v, do, lse, delta, *ids)
+    delta_BNT = _delta(out, do)
+    dq, dk, dv = _backward(cfg, costs, q, k, v, do, lse_BNT, delta_BNT, ids)
     dsinks = None if sinks is None else base.sinks_grad(sinks, lse_BNT, delta_BNT, base2=True)
     return (dq, dk, dv, dsinks) + tuple(None for _ in ids)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash_lse(cfg, costs, q, k, v, *ids):
+    """`_flash` without sinks that also returns the natural row log-sum-exp [B, N, L] (float32;
+    `base.MASK_VALUE` for rows with nothing to attend to)."""
+    return _flash_lse_fwd(cfg, costs, q, k, v, *ids)[0]
+
+
+def _flash_lse_fwd(cfg, costs, q, k, v, *ids):
+    out, lse2 = _forward(cfg, costs, q, k, v, *ids)
+    lse = jnp.where(lse2 == base.MASK_VALUE, base.MASK_VALUE, lse2 * _LN_2)
+    return (out, lse), (q, k, v, out, lse2, ids)
+
+
+def _flash_lse_bwd(cfg, costs, residuals, cotangents):
+    # With lse = log sum_j exp(s_j) an output too, dL/ds_j = p_j (dp_j - delta + dlse): the usual
+    # backward with delta - dlse (natural units, as delta) in place of delta.
+    q, k, v, out, lse2_BNT, ids = residuals
+    do, dlse_BNT = cotangents
+    delta_BNT = _delta(out, do) - dlse_BNT.astype(jnp.float32)
+    return _backward(cfg, costs, q, k, v, do, lse2_BNT, delta_BNT, ids) + tuple(None for _ in ids)
+
+
+_flash_lse.defvjp(_flash_lse_fwd, _flash_lse_bwd)
+
+
+def _forward(cfg, costs, q, k, v, *ids):
+    """(out [B, N, L, H], base-2 lse [B, N, L] float32) of the forward kernel."""
+    out, lse = _fwd_call(cfg, costs[0], q, k, v, *ids)
+    return out, lse[:, :, 0, :]  # one sublane of the statistic is the residual (8x less memory)
+
+
+def _delta(out, do):
+    """rowsum(out * do) [B, N, L] in float32."""
+    return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+
+
+def _backward(cfg, costs, q, k, v, do, lse_BNT, delta_BNT, ids):
+    """(dq, dk, dv) of the dq and dk/dv kernels from the base-2 lse and delta [B, N, L]."""
+    B, N, T, _ = q.shape
+    lse, delta = (jnp.broadcast_to(x_BNT[:, :, None, :], (B, N, _SUBLANES, T))
+                  for x_BNT in (lse_BNT, delta_BNT))
+    do = do.astype(q.dtype)
+    dq = _dq_call(cfg, costs[1], q, k, v, do, lse, delta, *ids)
+    dk, dv = _dkv_call(cfg, costs[2], q, k, v, do, lse, delta, *ids)
+    return dq, dk, dv

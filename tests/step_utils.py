@@ -15,11 +15,12 @@ from zoo.training.step import init_state, make_trainer, mesh_context
 OPT = OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=10, eps=1e-3)
 
 
-def packed_batch(vocab_size: int, b: int = 8, t: int = 32, seed: int = 0) -> dict:
-    """A batch of rows packing two documents (18 and 11 tokens, when t = 32) and padding."""
+def packed_batch(vocab_size: int, b: int = 8, t: int = 32, seed: int = 0, docs=(18, 11)) -> dict:
+    """A batch of rows packing documents of `docs` tokens (18 and 11), then padding."""
     rng = np.random.default_rng(seed)
     seg = np.zeros((b, t), np.int32)
-    seg[:, :18], seg[:, 18:29] = 1, 2
+    for i, end in enumerate(np.cumsum(docs)):
+        seg[:, end - docs[i]:end] = i + 1
     ids = np.where(seg > 0, rng.integers(4, vocab_size, (b, t)), 0).astype(np.int32)
     return {"input_ids": ids, "segment_ids": seg, "positions": data.restart_positions(seg)}
 
@@ -46,6 +47,34 @@ def single_and_sharded_step(cfg, batch, spec: str, *, objective: str = "clm", gr
             state, metrics = tr.step(state, gbatch)
         results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
     return results[0], results[1], sharded_start
+
+
+def steps_on_meshes(cfg, batches, specs, *, seq_len: int, batch_size: int = 8, opt=OPT):
+    """[(losses, host params)] after len(batches) clm steps from the same seed on each mesh spec
+    (a "data=1" spec runs on one device, others on the first 8)."""
+    fields = objectives.get("clm").fields
+    runs = []
+    for spec in specs:
+        devices = jax.devices()[:1] if spec == "data=1" else jax.devices()[:8]
+        mesh = make_mesh(spec, devices=devices)
+        tr = make_trainer(cfg, mesh, opt, batch_size=batch_size, seq_len=seq_len)
+        state, losses = init_state(tr, mesh, seed=0), []
+        for batch in batches:
+            with mesh_context(mesh):
+                state, metrics = tr.step(state, {k: jax.device_put(batch[k], tr.batch_sharding) for k in fields})
+            losses.append(float(metrics["loss"]))
+        runs.append((losses, jax.device_get(state["params"])))
+    return runs
+
+
+def assert_same_steps(one, other, rtol=1e-5):
+    """Two `steps_on_meshes` runs: losses to `rtol`, every parameter to `rtol` in relative norm."""
+    (losses_1, p_1), (losses_2, p_2) = one, other
+    np.testing.assert_allclose(losses_2, losses_1, rtol=rtol)
+    assert len(set(losses_1)) == len(losses_1)  # different steps
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p_1), jax.tree.leaves(p_2)):
+        rel = np.linalg.norm(a - b) / max(float(np.linalg.norm(a)), 1e-6)
+        assert rel <= rtol, (jax.tree_util.keystr(path), rel)
 
 
 def shard_shapes(x) -> set[tuple[int, ...]]:

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
+from kernels.api import CONTEXT_PARALLEL
+
 # Per-layer activation checkpointing choices (zoo/nn/scan.py maps each to a jax checkpoint policy).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -37,6 +39,9 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     remat: str = "none"  # activation checkpointing policy per layer
     attention_impl: str | None = None  # kernels.attention implementation; None picks per backend
+    # How attention runs when the mesh's context axis splits the length (kernels.attention's
+    # context_parallel, CONTEXT_PARALLEL): "allgather" gathers k and v, "ring" passes k/v blocks around.
+    context_parallel: str = "allgather"
     # The training loss's cross-entropy runs over blocks of this many vocabulary columns and never
     # holds the [B, T, V] logits (zoo/nn/chunked_ce.py); 0: on the whole logits.
     loss_vocab_block: int = 4096
@@ -78,6 +83,9 @@ class ModelConfig:
                              f"got {self.loss_vocab_block}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"{self.name}: remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.context_parallel not in CONTEXT_PARALLEL:
+            raise ValueError(f"{self.name}: context_parallel={self.context_parallel!r} is not one of "
+                             f"{CONTEXT_PARALLEL}")
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with some fields changed (re-validated)."""

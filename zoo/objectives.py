@@ -22,9 +22,12 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
+from kernels.context import zigzag_order
 from zoo import registry
 from zoo.nn.losses import cross_entropy_sums, next_token_targets, vocab_cross_entropy_sums  # noqa: F401 (API)
+from zoo.sharding import logical_size
 
 
 @dataclass(frozen=True)
@@ -123,13 +126,27 @@ def vocab_loss_sums(model, params, targets_BT, valid_BT, z_loss, *args, **kwargs
     return add_aux_losses(model, total, sums, aux_losses)
 
 
+def to_context_order(*arrays_BT):
+    """[B, T] arrays in the zig-zag row order of context parallelism (`kernels.context`) when the
+    mesh and rules in context shard the length; unchanged otherwise. Every per-token quantity of a
+    row takes the same static permutation, so sums over tokens are unchanged."""
+    shards = logical_size("length")
+    if shards == 1:
+        return arrays_BT
+    order = zigzag_order(arrays_BT[0].shape[1], shards)
+    return tuple(nn.with_logical_constraint(x[:, order], ("batch", "length")) for x in arrays_BT)
+
+
 def causal_lm_loss(model, params, batch, rng, *, z_loss: float = 0.0):
     """Next-token prediction on packed rows (attention and targets stay inside each document),
-    plus any auxiliary losses the model sows (MoE load balancing and router z-loss)."""
+    plus any auxiliary losses the model sows (MoE load balancing and router z-loss). Targets are
+    taken in natural order, then a context-parallel run reorders every token field alike."""
     del rng  # deterministic forward; dropout-style objectives use it
     targets_BT, valid_BT = next_token_targets(batch["input_ids"], batch["segment_ids"])
-    return vocab_loss_sums(model, params, targets_BT, valid_BT, z_loss, batch["input_ids"],
-                           positions=batch["positions"], segment_ids=batch["segment_ids"])
+    ids_BT, positions_BT, segments_BT, targets_BT, valid_BT = to_context_order(
+        batch["input_ids"], batch["positions"], batch["segment_ids"], targets_BT, valid_BT)
+    return vocab_loss_sums(model, params, targets_BT, valid_BT, z_loss, ids_BT,
+                           positions=positions_BT, segment_ids=segments_BT)
 
 
 register(Objective("clm", ("input_ids", "segment_ids", "positions"), causal_lm_loss,

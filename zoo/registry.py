@@ -65,6 +65,9 @@ class Family:
     # (cfg, params, router load [layers, E]) -> params: the train step's non-gradient update after the
     # optimizer, for configs with `balances_routers` (zoo/objectives.py ROUTER_LOAD)
     after_step: Callable | None = None
+    # trains with the length split over the mesh's context axis (zoo/training/context.py): causal
+    # attention through kernels.attention's context_parallel, every other layer per token
+    context_parallel: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -150,19 +153,20 @@ def architectures() -> tuple[str, ...]:
 
 register(Family("gpt2", gpt2_config.GPT2Config, GPT2, kind="decoder", objectives=("clm",), tasks=("pretrain",),
                 eval_task="perplexity", hf_specs=gpt2_hf.ARCHITECTURES,
-                presets=gpt2_config.PRESETS, learned_positions=True))
+                presets=gpt2_config.PRESETS, learned_positions=True, context_parallel=True))
 register(Family("llama", llama_config.LlamaConfig, Llama, kind="decoder", objectives=("clm",), tasks=("pretrain",),
                 eval_task="perplexity", hf_specs=llama_hf.ARCHITECTURES,
-                presets=llama_config.PRESETS))
+                presets=llama_config.PRESETS, context_parallel=True))
 register(Family("gemma", gemma_config.GemmaConfig, Llama, kind="decoder", objectives=("clm",), tasks=("pretrain",),
                 eval_task="perplexity", hf_specs=gemma_hf.ARCHITECTURES,
-                presets=gemma_config.PRESETS, hf_imports=gemma_hf.IMPORTS))
+                presets=gemma_config.PRESETS, hf_imports=gemma_hf.IMPORTS, context_parallel=True))
 register(Family("moe", moe_config.MoEConfig, MoEDecoder, kind="decoder", objectives=("clm",), tasks=("pretrain",),
                 eval_task="perplexity", hf_specs=moe_hf.ARCHITECTURES,
-                presets=moe_config.PRESETS, hf_imports=moe_hf.IMPORTS))
+                presets=moe_config.PRESETS, hf_imports=moe_hf.IMPORTS, context_parallel=True))
 register(Family("deepseek", deepseek_config.DeepSeekConfig, DeepSeek, kind="decoder", objectives=("clm",),
                 tasks=("pretrain",), eval_task="perplexity", hf_specs=deepseek_hf.ARCHITECTURES,
-                presets=deepseek_config.PRESETS, after_step=deepseek_balance_routers))
+                presets=deepseek_config.PRESETS, after_step=deepseek_balance_routers,
+                context_parallel=True))
 register(Family("bert", bert_config.BertConfig, build_bert, kind="encoder", objectives=("mlm", "cls"),
                 tasks=("pretrain", "classify"), eval_task=None, hf_specs=bert_hf.ARCHITECTURES,
                 presets=bert_config.PRESETS))

@@ -15,14 +15,16 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "sequence", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
+# Older names still accepted by --mesh: `sequence=N` (and `dcn_sequence=N`) is the context axis.
+AXIS_ALIASES = {"sequence": "context"}
 
 # Logical name -> mesh axes. Parameters shard their `embed` dim over fsdp (ZeRO-3),
 # their head / mlp / vocab dims over tensor (Megatron); activations shard batch
-# over data and fsdp, length over sequence.
+# over data and fsdp, length over context (context parallelism: kernels/context.py).
 RULES: tuple[tuple[str, object], ...] = (
     ("batch", ("data", "fsdp", "expert")),
-    ("length", "sequence"),
+    ("length", "context"),
     ("kv_length", None),
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
@@ -62,6 +64,7 @@ def parse_hybrid_mesh(spec: str, num_devices: int | None = None) -> tuple[dict[s
         name, eq, value = part.partition("=")
         name = name.strip()
         axis, sizes = (name[len(DCN):], dcn) if name.startswith(DCN) else (name, ici)
+        axis = AXIS_ALIASES.get(axis, axis)
         if not eq or axis not in MESH_AXES:
             raise ValueError(f"bad --mesh entry {part!r}: expected NAME=SIZE with NAME in {MESH_AXES} "
                              f"(or {DCN}NAME for an axis across slices)")

@@ -11,7 +11,7 @@ from kernels import base, gpu_triton
 # softmax, block skipping, sequence padding).
 SMALL_GPU_BLOCKS = gpu_triton.BlockSizes(*(16,) * 6)
 # Logical rules as zoo/sharding.py writes them (kernels/ never names mesh axes).
-RULES = [("batch", ("data", "fsdp")), ("length", "sequence"), ("heads", "tensor"),
+RULES = [("batch", ("data", "fsdp")), ("length", "context"), ("heads", "tensor"),
          ("kv_heads", "tensor"), ("head_dim", None)]
 
 

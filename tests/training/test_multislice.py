@@ -5,23 +5,21 @@ cross the data-center network."""
 from __future__ import annotations
 
 import jax
-import numpy as np
 import pytest
 
 import zoo
-from zoo import objectives
 from zoo.sharding import make_mesh, parse_hybrid_mesh, parse_mesh
 from zoo.training import plan
 from zoo.training.collectives import dcn_transfers
-from zoo.training.step import init_state, make_trainer, mesh_context
+from zoo.training.step import make_trainer
 
-from step_utils import OPT, packed_batch
+from step_utils import OPT, assert_same_steps, packed_batch, steps_on_meshes
 
 
 def test_dcn_axes_multiply_the_ici_axes():
     ici, dcn = parse_hybrid_mesh("dcn_data=2,fsdp=-1,tensor=2", 16)
     assert (ici["data"], ici["fsdp"], ici["tensor"]) == (1, 4, 2) and (dcn["data"], dcn["fsdp"]) == (2, 1)
-    assert parse_mesh("dcn_data=2,fsdp=-1,tensor=2", 16) == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 2,
+    assert parse_mesh("dcn_data=2,fsdp=-1,tensor=2", 16) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 2,
                                                              "expert": 1}
     assert parse_mesh("dcn_fsdp=2,fsdp=2,dcn_data=2", 8)["fsdp"] == 4
 
@@ -47,7 +45,7 @@ def test_slices_are_the_outer_part_of_their_axis():
     mesh = make_mesh("dcn_fsdp=2,fsdp=2,data=2", devices=devices)
     assert [[d.id for d in row.flat] for row in mesh.devices] == [[0, 1, 4, 5], [2, 3, 6, 7]]
     mesh = make_mesh("dcn_data=2,fsdp=2,tensor=2", devices=devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2, "expert": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2, "expert": 1}
     # CPU devices stand in for slices in consecutive groups: slice s holds data row s
     for s in range(2):
         assert {d.id for d in mesh.devices[s].flat} == {d.id for d in devices[4 * s:4 * s + 4]}
@@ -71,23 +69,8 @@ def test_three_steps_on_two_slices_equal_one_device():
         pytest.skip("needs 8 fake CPU devices (tests/conftest.py)")
     cfg = zoo.config("tiny-llama", dtype="float32")
     batches = [packed_batch(cfg.vocab_size, seed=s) for s in range(3)]
-    fields = objectives.get("clm").fields
-    runs = []
-    for spec, devices in (("data=1", jax.devices()[:1]), ("dcn_data=2,fsdp=2,tensor=2", jax.devices()[:8])):
-        mesh = make_mesh(spec, devices=devices)
-        tr = make_trainer(cfg, mesh, OPT, batch_size=8, seq_len=32)
-        state, losses = init_state(tr, mesh, seed=0), []
-        for batch in batches:
-            with mesh_context(mesh):
-                state, metrics = tr.step(state, {k: jax.device_put(batch[k], tr.batch_sharding) for k in fields})
-            losses.append(float(metrics["loss"]))
-        runs.append((losses, jax.device_get(state["params"])))
-    (one, p_one), (two, p_two) = runs
-    np.testing.assert_allclose(two, one, rtol=1e-5)
-    assert len(set(one)) == 3  # three different steps
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p_one), jax.tree.leaves(p_two)):
-        rel = np.linalg.norm(a - b) / max(float(np.linalg.norm(a)), 1e-6)
-        assert rel <= 1e-5, (jax.tree_util.keystr(path), rel)
+    one, two = steps_on_meshes(cfg, batches, ("data=1", "dcn_data=2,fsdp=2,tensor=2"), seq_len=32)
+    assert_same_steps(one, two)
 
 
 def test_multi_slice_topology_names():

@@ -61,6 +61,9 @@ class SelfAttention(nn.Module):
     # kernels.attention's window only reaches back, so these layers run "xla" with the window as a bias.
     window_both_ways: bool = False
     attention_impl: str | None = None
+    # kernels.attention's context_parallel ("allgather" / "ring"), never when decoding: acts only where the
+    # rules split "length" over several devices, on rows in zig-zag order (zoo.objectives.to_context_order).
+    context_parallel: str | None = None
     decode: bool = False  # keep a KV cache in the "cache" collection (zoo/inference/decoder.py)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -117,7 +120,8 @@ class SelfAttention(nn.Module):
                                      logits_soft_cap=self.logits_soft_cap, sinks=sinks, implementation="xla")
         return kernels.attention(q, k, v, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
                                  scale=self.scale, logits_soft_cap=self.logits_soft_cap, sinks=sinks,
-                                 implementation=self.attention_impl)
+                                 implementation=self.attention_impl,
+                                 context_parallel=None if self.decode else self.context_parallel)
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, layer=None):

@@ -58,6 +58,7 @@ class MLAttention(nn.Module):
     rope_scaling: tuple | None = None
     rope_factor: float = 1.0  # YaRN's factor on the rotated q and k (DeepSeek's mscale ratio)
     attention_impl: str | None = None
+    context_parallel: str | None = None  # kernels.attention's, in training only (zoo/nn/attention.py)
     decode: bool = False
     kv_cache: str = "latent"  # KV_CACHES: what decoding keeps per token
     dtype: Any = jnp.float32
@@ -107,7 +108,8 @@ class MLAttention(nn.Module):
             out_BTNv = self._attend_with_cache(q_BTNH, k_BTNH, v_BTNv, segment_ids_BT)
         else:
             out_BTNv = kernels.attention(q_BTNH, k_BTNH, v_BTNv, causal=True, segment_ids=segment_ids_BT,
-                                         scale=self.scale, implementation=self.attention_impl)
+                                         scale=self.scale, implementation=self.attention_impl,
+                                         context_parallel=None if self.decode else self.context_parallel)
         return o_proj(constrain(out_BTNv, ("batch", "length", "activation_heads", None)))
 
     def _absorbed_step(self, q_nope_B1Nd, q_rope_B1Nr, written, k_nope_proj, v_proj):

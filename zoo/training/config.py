@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from kernels import IMPLEMENTATIONS
+from kernels.api import CONTEXT_PARALLEL
 from zoo import data as zoo_data
 from zoo import registry
 from zoo.argtypes import host_port, non_negative_float, non_negative_int, positive_int
@@ -75,6 +76,10 @@ class TrainConfig:
                                       "cudnn, xla. "
                                       "Default: the model config's (none: the best for the platform)",
                                       choices=IMPLEMENTATIONS)
+    context_parallel: str | None = flag("model", None, "context parallelism over the mesh's context axis (--mesh "
+                                        "context=N): allgather (k, v gathered; default) or ring (k/v blocks passed "
+                                        "around the ring, merged by log-sum-exp)",
+                                        choices=CONTEXT_PARALLEL)
     vocab_size: str | None = flag("model", None, "override the model's vocab_size: a number, or 'tokenizer' (the "
                                   "tokenizer's size rounded up to a multiple of 128). Default: the model's; a larger "
                                   "tokenizer is an error")
@@ -120,7 +125,8 @@ class TrainConfig:
     z_loss: float = flag("optim", 0.0, "weight of the logsumexp^2 auxiliary loss", type=non_negative_float)
     # run
     mesh: str = flag("run", "fsdp=-1", "mesh axis sizes, e.g. data=2,fsdp=-1,tensor=1 (-1 fills the rest; axes: "
-                     "data, fsdp, sequence, tensor, expert); dcn_AXIS=N spreads an axis over N slices (multi-slice, "
+                     "data, fsdp, context, tensor, expert; context splits each row's length, 'sequence' is its old "
+                     "name); dcn_AXIS=N spreads an axis over N slices (multi-slice, "
                      "e.g. dcn_data=2,fsdp=-1: only that axis's collectives cross the data-center network)")
     seed: int = flag("run", 0, "seed of init, data order and sampling", type=int)
     out: str = flag("run", DEFAULT_OUT, "run directory: new, empty, or a train.py run to resume (it resumes when it "
@@ -240,13 +246,14 @@ class TrainConfig:
 
     def model_overrides(self) -> dict:
         """--override FIELD=VALUE (values still text: `pretrain.with_overrides` types them) and --dtype /
-        --param-dtype / --remat / --attention-impl, as ModelConfig field overrides."""
+        --param-dtype / --remat / --attention-impl / --context-parallel, as ModelConfig field overrides."""
         try:
             out = parse_overrides(self.override)
         except ValueError as e:
             raise UsageError(str(e)) from None
         out.update({k: v for k, v in (("dtype", self.dtype), ("param_dtype", self.param_dtype),
-                                      ("remat", self.remat), ("attention_impl", self.attention_impl)) if v is not None})
+                                      ("remat", self.remat), ("attention_impl", self.attention_impl),
+                                      ("context_parallel", self.context_parallel)) if v is not None})
         return out
 
     def optim(self, total_steps: int | None = None) -> OptimConfig:

@@ -135,7 +135,7 @@ def prepare(config: TrainConfig) -> dict:
         raise UsageError(f"the tokenizer gives id {top} but model {cfg.name!r} has vocab_size="
                                f"{cfg.vocab_size}: tokenizer and model do not match")
 
-    mesh = make_run_mesh(config, cfg)
+    mesh = make_run_mesh(config, cfg, objective=OBJECTIVE[task], seq_len=seq_len)
     return dict(cfg=cfg, params=params, tokenizer=tok, mesh=mesh, seq_len=seq_len, data=rows)
 
 # ------------------------------------------------------------------------------ batches

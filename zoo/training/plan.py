@@ -43,6 +43,7 @@ from zoo import objectives, registry
 from zoo.sharding import check_divisible, make_mesh
 from zoo.training.collectives import dcn_transfers
 from zoo.training.config import TrainConfig, UsageError
+from zoo.training.context import check_context
 from zoo.training.metrics import PEAK_FLOPS
 from zoo.training.optimizer import OptimConfig
 from zoo.training.pretrain import load_model_config
@@ -163,6 +164,7 @@ def plan(cfg, topology: str | None, *, mesh: str = "fsdp=-1", batch_size: int, s
             raise PlanError(f"seq_len {seq_len} exceeds max_seq_len={cfg.max_seq_len} of model {cfg.name!r}")
         the_mesh = make_mesh(mesh, devices=devices)
         check_divisible(cfg, the_mesh)
+        check_context(cfg, objective, the_mesh, seq_len)
     except PlanError:
         raise
     except ValueError as e:
@@ -171,8 +173,6 @@ def plan(cfg, topology: str | None, *, mesh: str = "fsdp=-1", batch_size: int, s
     if batch_size % grad_accum or (batch_size // grad_accum) % shards:
         raise PlanError(f"batch {batch_size} / grad_accum {grad_accum} does not split over the {shards} batch "
                         f"shards (data*fsdp*expert) of mesh {_mesh_text(the_mesh)}")
-    if the_mesh.shape["sequence"] > 1 and seq_len % the_mesh.shape["sequence"]:
-        raise PlanError(f"mesh axis sequence={the_mesh.shape['sequence']} does not divide seq_len {seq_len}")
 
     n = len(devices)
     capacity = info["hbm_bytes_per_device"]

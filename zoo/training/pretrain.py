@@ -18,6 +18,7 @@ from zoo.hf.convert import config_from_hf
 from zoo.sharding import check_divisible, make_mesh
 from zoo.training import run_dir
 from zoo.training.config import TrainConfig, UsageError
+from zoo.training.context import check_context
 from zoo.training.distributed import barrier
 from zoo.training.loop import Hooks, report_stop, run_loop
 from zoo.training.metrics import MetricsLog, peak_flops_per_device, plot_loss
@@ -67,17 +68,18 @@ def check_batch_split(config: TrainConfig, mesh) -> None:
                          f"--mesh {config.mesh} (data*fsdp*expert)")
     if config.batch_size % jax.process_count():
         raise UsageError(f"--batch-size {config.batch_size} does not split over {jax.process_count()} processes")
-    if mesh.shape["sequence"] > 1 and config.seq_len % mesh.shape["sequence"]:
-        raise UsageError(f"mesh axis sequence={mesh.shape['sequence']} does not divide --seq-len {config.seq_len}")
 
 
-def make_run_mesh(config: TrainConfig, cfg):
+def make_run_mesh(config: TrainConfig, cfg, *, objective: str | None = None, seq_len: int | None = None):
+    """--mesh, checked against the model, the batch and (with a context axis, `check_context`) the
+    objective and row length: --objective and --seq-len unless given (fine-tuning sets its own)."""
     try:
         mesh = make_mesh(config.mesh)
         check_divisible(cfg, mesh)
+        check_batch_split(config, mesh)  # UsageError, not caught here
+        check_context(cfg, objective or config.objective, mesh, config.seq_len if seq_len is None else seq_len)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    check_batch_split(config, mesh)
     return mesh
 
 

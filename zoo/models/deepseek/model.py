@@ -153,7 +153,8 @@ class DeepSeek(nn.Module):
                 MLAttention, cfg.hidden_size, cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank,
                 cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.softmax_scale,
                 rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, rope_factor=cfg.rope_factor,
-                attention_impl=cfg.attention_impl, decode=self.decode, kv_cache=cfg.kv_cache, **kw))
+                attention_impl=cfg.attention_impl, context_parallel=cfg.context_parallel, decode=self.decode,
+                kv_cache=cfg.kv_cache, **kw))
         if cfg.first_k_dense_replace:
             dense = scan_layers(DecoderBlock, cfg.first_k_dense_replace, cfg.remat, name="dense_layers",
                                 make_mlp=partial(MLP, cfg.hidden_size, cfg.intermediate_size, "silu", gated=True,

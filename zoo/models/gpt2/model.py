@@ -44,7 +44,7 @@ class GPT2(nn.Module):
             make_norm=partial(LayerNorm, cfg.layer_norm_epsilon, **kw),
             make_attention=partial(SelfAttention, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                    qkv_bias=True, out_bias=True, attention_impl=cfg.attention_impl,
-                                   decode=self.decode, **kw),
+                                   context_parallel=cfg.context_parallel, decode=self.decode, **kw),
             make_mlp=partial(MLP, cfg.hidden_size, cfg.intermediate_size, "gelu_tanh", gated=False, use_bias=True,
                              **kw),
         )
