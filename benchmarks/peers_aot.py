@@ -22,7 +22,13 @@ Per side and case, figures per device (one device per chip on v5p and v6e):
             no unrolled option, so the layer scan is built with unroll=True for these two compiles (a
             patch local to this benchmark: the same layers, no loop), and the loss takes the whole
             vocabulary in one block (loss_vocab_block = vocab size: the same blockwise loss, one trip
-            of its loop, so every block is counted)
+            of its loop, so every block is counted). A Pallas kernel is counted through the cost
+            estimate it carries: ours carries one; MaxText's default TPU attention (jax's splash
+            kernel) carries none, so XLA counts its attention as 0 FLOPs and 0 s. Its FLOP compiles
+            therefore use MaxText's other splash kernel, tokamax's (use_tokamax_splash=true), whose
+            estimate follows the same FlashAttention convention as ours (forward 4*T*S*H per head,
+            backward 10*T*S*H, times the causal mask's density); the default kernel's figures (its
+            attention uncounted) are kept in the JSON as *_uncosted_attention
   max batch a doubling search over the global batch from the case's (halving when that does not
             fit), stopping at the first that does not fit, at most --max-doublings steps: the largest
             that compiled and fits; ">=" when the search stopped on one that still fits
@@ -68,7 +74,10 @@ OPTIMIZER_TEXT = ("AdamW b1=0.9 b2=0.95 eps=1e-8 weight_decay=0.1, global-norm c
                   "passed explicitly)")
 EXTRAPOLATION_TEXT = ("FLOPs and optimal_seconds are per device for the WHOLE step, extrapolated as "
                       "f(1) + (L-1) * (f(2) - f(1)) from compiles with 1 and 2 unrolled layers (XLA's cost "
-                      "analysis counts a scanned layer stack's body once); memory is the full-depth scanned step's")
+                      "analysis counts a scanned layer stack's body once); memory is the full-depth scanned step's. "
+                      "Attention kernels count through their cost estimates: MaxText's FLOP compiles use its "
+                      "tokamax splash kernel (use_tokamax_splash=true), as its default jax splash kernel has no "
+                      "estimate (XLA would count its attention as 0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +169,14 @@ def _memory(mem) -> dict:
     return out
 
 
-def zoo_compile(case: Case, *, batch: int, layers: int | None = None, unrolled: bool = False) -> dict:
+def zoo_compile(case: Case, *, batch: int, layers: int | None = None, unrolled: bool = False,
+                costed_attention: bool = True) -> dict:
     """Compiles our train step (zoo.training.step.make_trainer, as train.py runs it) for the case's slice.
 
     layers=None: the preset's depth, scanned (the memory figures); `unrolled` builds the layer scan
-    unrolled and the loss in one vocabulary block (the FLOP compiles)."""
+    unrolled and the loss in one vocabulary block (the FLOP compiles). Our attention kernel always
+    carries its cost estimate (`costed_attention` is MaxText's switch)."""
+    del costed_attention
     import zoo
     from zoo.configs import with_overrides
     from zoo.sharding import make_mesh
@@ -240,8 +252,9 @@ print(MARK + json.dumps(out), flush=True)
 
 
 def maxtext_args(case: Case, *, batch: int, devices: int, out_dir: str, layers: int | None = None,
-                 unrolled: bool = False) -> list[str]:
-    """The base.yml overrides of MaxText's compile of one case (layers / unrolled as zoo_compile's)."""
+                 unrolled: bool = False, costed_attention: bool = True) -> list[str]:
+    """The base.yml overrides of MaxText's compile of one case (layers / unrolled as zoo_compile's; an
+    unrolled compile with `costed_attention` takes the tokamax splash kernel, which has a cost estimate)."""
     args = [f"run_name=zoo-aot-{case.name}", f"base_output_directory={out_dir}", f"compile_topology={case.topology}",
             "compile_topology_num_slices=1", *case.maxtext, f"per_device_batch_size={batch / devices:g}",
             f"max_target_length={case.seq_len}", "remat_policy=full", "dtype=bfloat16", "weight_dtype=float32",
@@ -251,6 +264,8 @@ def maxtext_args(case: Case, *, batch: int, devices: int, out_dir: str, layers: 
         args += ["override_model_config=true", f"base_num_decoder_layers={layers}"]
     if unrolled:
         args.append("scan_layers=false")
+        if costed_attention:
+            args.append("use_tokamax_splash=true")
     return args
 
 
@@ -263,13 +278,14 @@ def maxtext_env() -> dict:
 
 
 def maxtext_compile(case: Case, *, python: str, base_yml: str, tmp: str, batch: int, devices: int,
-                    layers: int | None = None, unrolled: bool = False) -> dict:
+                    layers: int | None = None, unrolled: bool = False, costed_attention: bool = True) -> dict:
     """Compiles MaxText's train step (its train_compile) for the case's slice in MaxText's interpreter."""
     from zoo.training.plan import _compiler_oom
 
-    log = Path(tmp, f"maxtext-{case.name}-b{batch}-l{layers}-{'u' if unrolled else 's'}.log")
+    log = Path(tmp, f"maxtext-{case.name}-b{batch}-l{layers}-{'u' if unrolled else 's'}{int(costed_attention)}.log")
     cmd = [python, "-c", DRIVER, base_yml, *maxtext_args(case, batch=batch, devices=devices, out_dir=tmp,
-                                                         layers=layers, unrolled=unrolled)]
+                                                         layers=layers, unrolled=unrolled,
+                                                         costed_attention=costed_attention)]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=maxtext_env(), cwd=tmp).returncode
@@ -299,9 +315,11 @@ def _gib(b) -> str:
 
 
 def measure_side(compile_fn, case: Case, *, layers: int, devices: int, capacity: int, max_doublings: int,
-                 say=print) -> dict:
+                 uncosted: bool = False, say=print) -> dict:
     """One side on one case: the full-depth step (memory), the 1- and 2-layer unrolled steps (whole-step
-    FLOPs and optimal_seconds, extrapolated), and the batch search. `compile_fn(batch=, layers=, unrolled=)`."""
+    FLOPs and optimal_seconds, extrapolated), and the batch search. `compile_fn(batch=, layers=, unrolled=,
+    costed_attention=)`; `uncosted`: also the 1- and 2-layer steps with the side's default attention kernel
+    where that one has no cost estimate (MaxText's)."""
     shards = devices  # the batch is split over every device (fsdp=-1)
 
     def run(what, **kw):
@@ -318,6 +336,16 @@ def measure_side(compile_fn, case: Case, *, layers: int, devices: int, capacity:
     two = run(f"2 layers unrolled, batch {case.batch}", batch=case.batch, layers=2, unrolled=True)
     flops = extrapolate(one.get("flops"), two.get("flops"), layers)
     seconds = extrapolate(one.get("optimal_seconds"), two.get("optimal_seconds"), layers)
+    raw = {}
+    if uncosted:
+        raw1 = run(f"1 layer unrolled, default attention kernel (no cost estimate), batch {case.batch}",
+                   batch=case.batch, layers=1, unrolled=True, costed_attention=False)
+        raw2 = run(f"2 layers unrolled, default attention kernel (no cost estimate), batch {case.batch}",
+                   batch=case.batch, layers=2, unrolled=True, costed_attention=False)
+        raw = {"one_layer_uncosted_attention": raw1, "two_layers_uncosted_attention": raw2,
+               "flops_per_device_uncosted_attention": extrapolate(raw1.get("flops"), raw2.get("flops"), layers),
+               "optimal_seconds_uncosted_attention": extrapolate(raw1.get("optimal_seconds"),
+                                                                 raw2.get("optimal_seconds"), layers)}
     tried = [(case.batch, full)]
     if full["status"] != "failed":
         grow = full["fits"]
@@ -339,7 +367,8 @@ def measure_side(compile_fn, case: Case, *, layers: int, devices: int, capacity:
                         "compile_s": r["compile_s"]} for b, r in tried],
             "max_batch": max_batch,
             "max_batch_is_lower_bound": bool(fitting) and not any(b > max_batch for b in failing),
-            "compile_s_total": sum(r["compile_s"] for r in (full, one, two, *[r for _, r in tried[1:]]))}
+            "compile_s_total": sum(r["compile_s"] for r in (full, one, two, *[r for _, r in tried[1:]]))
+            + sum(r["compile_s"] for k, r in raw.items() if k.startswith(("one", "two"))), **raw}
 
 
 # -------------------------------------------------------------------------------------------- the table
@@ -407,6 +436,12 @@ def markdown(payload: dict) -> str:
              "max_batch: the largest global batch that compiled and fits in a doubling search from `batch` "
              "(>=: the search stopped while it still fit)."]
     for case in payload["cases"]:
+        mt = case["sides"].get("maxtext", {})
+        if mt.get("flops_per_device_uncosted_attention"):
+            notes.append(f"{case['case']}: MaxText with its default attention kernel in the FLOP compiles (jax's "
+                         f"splash: no cost estimate, attention counted as 0): "
+                         f"{mt['flops_per_device_uncosted_attention'] / 1e12:.4g} TFLOP/device, "
+                         f"optimal_seconds {mt['optimal_seconds_uncosted_attention']:.4g}.")
         for side, m in case["sides"].items():
             if m.get("status") not in ("compiled", "compiler OOM"):
                 notes.append(f"{case['case']} {side}: {m.get('status')}: {m.get('reason') or m['full'].get('message')}")
@@ -491,6 +526,7 @@ def run(args) -> dict:
                                            devices=info["devices"])
                 m = measure_side(fn, case, layers=layers, devices=info["devices"],
                                  capacity=info["hbm_bytes_per_device"], max_doublings=args.max_doublings,
+                                 uncosted=side == "maxtext",
                                  say=lambda s, side=side: say(f"[{case.name}] {side}{s}"))
                 entry["sides"][side] = m
                 entry["rows"].append(side_row(case, side, m))
