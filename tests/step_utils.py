@@ -50,8 +50,8 @@ def single_and_sharded_step(cfg, batch, spec: str, *, objective: str = "clm", gr
 
 
 def steps_on_meshes(cfg, batches, specs, *, seq_len: int, batch_size: int = 8, opt=OPT):
-    """[(losses, host params)] after len(batches) clm steps from the same seed on each mesh spec
-    (a "data=1" spec runs on one device, others on the first 8)."""
+    """[((loss, grad_norm) per step, host params)] after len(batches) clm steps from the same seed on
+    each mesh spec (a "data=1" spec runs on one device, others on the first 8)."""
     fields = objectives.get("clm").fields
     runs = []
     for spec in specs:
@@ -62,13 +62,14 @@ def steps_on_meshes(cfg, batches, specs, *, seq_len: int, batch_size: int = 8, o
         for batch in batches:
             with mesh_context(mesh):
                 state, metrics = tr.step(state, {k: jax.device_put(batch[k], tr.batch_sharding) for k in fields})
-            losses.append(float(metrics["loss"]))
+            losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
         runs.append((losses, jax.device_get(state["params"])))
     return runs
 
 
 def assert_same_steps(one, other, rtol=1e-5):
-    """Two `steps_on_meshes` runs: losses to `rtol`, every parameter to `rtol` in relative norm."""
+    """Two `steps_on_meshes` runs: losses and gradient norms to `rtol`, every parameter after the
+    last step to `rtol` in relative norm."""
     (losses_1, p_1), (losses_2, p_2) = one, other
     np.testing.assert_allclose(losses_2, losses_1, rtol=rtol)
     assert len(set(losses_1)) == len(losses_1)  # different steps
