@@ -30,15 +30,6 @@ build one when there is none:
 
     python -m benchmarks.peers                        # gpt2 + llama vs transformers, llama vs MaxText
     python -m benchmarks.peers --batch-size 16 --seq-len 256 --steps 10
-
---tpu-aot (benchmarks/peers_aot.py) compares MaxText with our step on TPU slices instead, compiled
-ahead of time on this host: per-chip memory, whole-step FLOPs and XLA's roofline time, and the
-largest global batch each side fits. Its MaxText venv needs the `tpu` extra WITH libtpu (drop only
-the nvidia/cuda lines above: `grep -viE '^(nvidia|jax-cuda|cuda)'`):
-
-    python -m benchmarks.peers --tpu-aot                        # 8B on v5p-8 and v6e-8 at 8k, 70B on v5p-128 at 4k
-    python -m benchmarks.peers --tpu-aot --cases 8b-v5p --max-doublings 2
-    python -m benchmarks.peers --tpu-aot --small --frameworks zoo   # tiny-llama on v5p-8, ours only
 """
 
 from __future__ import annotations
@@ -253,17 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maxtext-python", default=os.environ.get("MAXTEXT_PYTHON", str(ROOT / ".venv-maxtext/bin/python")),
                    help="Python of a venv with maxtext installed (default: $MAXTEXT_PYTHON or .venv-maxtext)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="results directory (default: benchmarks/results)")
-    aot = p.add_argument_group("--tpu-aot", "compile both train steps for TPU slices (benchmarks/peers_aot.py)")
-    aot.add_argument("--tpu-aot", action="store_true",
-                     help="zoo vs MaxText AOT-compiled for TPU topologies: memory, FLOPs, roofline time, max batch; "
-                          "writes results/peers_tpu_aot.json/.md")
-    aot.add_argument("--cases", type=lambda s: [c for c in s.split(",") if c], default=["8b-v5p", "8b-v6e", "70b-v5p"],
-                     help="with --tpu-aot: comma-separated cases among 8b-v5p, 8b-v6e, 70b-v5p (default: all)")
-    aot.add_argument("--small", action="store_true",
-                     help="with --tpu-aot: tiny-llama on v5p-8 instead (minutes; results/peers_tpu_aot_small.*)")
-    aot.add_argument("--max-doublings", type=non_negative_int, default=3,
-                     help="with --tpu-aot: batch-search compiles after the case's batch, per side "
-                          "(default: %(default)s)")
     p.add_argument("--worker", choices=["zoo", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--family", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     return p
@@ -272,13 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict | None:
     """Runs every framework on every family, prints the table and ratios, writes peers_cpu.json/.md."""
     args = build_parser().parse_args(argv)
-    if args.tpu_aot:
-        from benchmarks import peers_aot  # local import: its compiles need libtpu, the CPU comparison does not
-
-        unknown = [c for c in args.cases if c not in peers_aot.CASES]
-        if unknown:
-            build_parser().error(f"unknown --cases {unknown}: choose among {', '.join(peers_aot.CASES)}")
-        return peers_aot.run(args)
     if args.worker:
         fn = worker_zoo if args.worker == "zoo" else worker_torch
         print(MARK + json.dumps(fn(args.family, args.batch_size, args.seq_len, args.steps, args.warmup)), flush=True)

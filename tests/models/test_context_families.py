@@ -15,6 +15,10 @@ from zoo import registry
 from step_utils import assert_same_step, packed_batch, single_and_sharded_step
 
 FAMILIES = [name for name, record in registry.FAMILIES.items() if record.context_parallel]
+# In CI: the families whose attention differs from Llama's (learned positions; local/global layers with
+# soft caps; latent attention). Llama is tests/training/test_context_steps.py; MoE uses Llama's attention.
+# All five passed here (6 passed in 316 s, 2026-12-02); `-m slow` runs the other two.
+COVERED_ELSEWHERE = ("llama", "moe")
 
 
 def test_the_decoder_families_support_it():
@@ -22,7 +26,8 @@ def test_the_decoder_families_support_it():
 
 
 @pytest.mark.newest_jax_leg  # a 1-device and an 8-device step compile per family: minutes on 2 cores
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in COVERED_ELSEWHERE else f
+                                    for f in FAMILIES])
 def test_one_step_with_context_parallelism_equals_one_device(family):
     if jax.device_count() < 8:
         pytest.skip("needs 8 fake CPU devices (tests/conftest.py)")
